@@ -1,0 +1,42 @@
+# Every recipe a developer or operator needs. `just` alone runs `check`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# fmt, clippy with warnings denied, all tests
+default: check
+
+# fmt, clippy with warnings denied, all tests
+check: lint test
+
+# install what the tests need (Debian packages, Rust targets)
+setup:
+    tests/setup
+
+# every test (installs what they need first)
+test:
+    tests/run-all
+
+# formatting and clippy with warnings denied
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# format the code
+fmt:
+    cargo fmt --all
+
+# dependency policy: licenses, duplicate versions, sources (advisories need GitHub access)
+deny *checks="bans licenses sources":
+    cargo deny check {{checks}}
+
+# build every fuzz target on stable and run each for SECONDS
+fuzz-smoke SECONDS="30":
+    tests/fuzz-smoke {{SECONDS}}
+
+# fuzz one target for real with cargo-fuzz (needs nightly and `cargo install cargo-fuzz`)
+fuzz TARGET="verify_bundle" *ARGS:
+    cd agent && cargo +nightly fuzz run {{TARGET}} fuzz/seeds/{{TARGET}} {{ARGS}}
+
+# release build of the agent and edgectl for this machine
+build:
+    cargo build --release --locked -p edge-agent

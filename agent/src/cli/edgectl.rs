@@ -1,0 +1,329 @@
+//! `edgectl`, the operator's tool: keys, signing and inspecting bundles.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+
+use super::files::{self, FileError};
+use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES, SignError};
+use crate::core::keys::{self, KeyError, KeyId, TrustSet};
+use crate::core::manifest::{Action, Manifest};
+use crate::core::verify::{self, Verifier, VerifyError};
+
+/// Largest key or manifest file read.
+const SMALL_FILE_MAX: u64 = 64 * 1024;
+
+/// The operator's tool for an edge-agent fleet.
+#[derive(Debug, Parser)]
+#[command(name = "edgectl", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// edgectl's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a new Ed25519 signing key: KEY (private, mode 0600) and KEY.pub; prints the key id.
+    Keygen {
+        /// Where to write the private key; the public key goes to the same path plus `.pub`.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a module (or a removal) into a bundle.
+    Sign(SignArgs),
+    /// Print a bundle's manifest; with --trust, verify it and exit non-zero unless it is valid.
+    Inspect(InspectArgs),
+}
+
+/// Arguments of `edgectl sign`.
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The private key (PKCS#8 PEM, as `edgectl keygen` writes it).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// The Wasm module (installs only).
+    #[arg(long)]
+    pub wasm: Option<PathBuf>,
+    /// The TOML manifest.
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Where to write the bundle.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Largest bundle to produce (devices refuse larger ones).
+    #[arg(long, default_value_t = DEFAULT_MAX_BUNDLE_BYTES)]
+    pub max_bundle_bytes: usize,
+}
+
+/// Arguments of `edgectl inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A trusted public key (repeatable). With at least one, the bundle is verified.
+    #[arg(long = "trust", value_name = "KEY.pub")]
+    pub trust: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Largest bundle accepted.
+    #[arg(long, default_value_t = DEFAULT_MAX_BUNDLE_BYTES)]
+    pub max_bundle_bytes: usize,
+    /// The bundle file.
+    pub bundle: PathBuf,
+}
+
+/// Why an edgectl command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A file could not be read or written.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A key file is not a usable key.
+    #[error("{path}: {source}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: KeyError,
+    },
+    /// The TOML manifest is malformed.
+    #[error("{path}: {reason}")]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Signing failed.
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    /// The bundle failed verification (or could not be read at all).
+    #[error("{path}: {source}")]
+    Invalid {
+        /// The bundle file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: VerifyError,
+    },
+    /// Writing to the terminal failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs a parsed command, writing its report to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    match cli.command {
+        Command::Keygen { out: path } => keygen(&path, out),
+        Command::Sign(args) => sign(&args, out),
+        Command::Inspect(args) => inspect(&args, out),
+    }
+}
+
+fn keygen(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
+    let key_err = |source| CliError::Key {
+        path: path.to_path_buf(),
+        source,
+    };
+    let key = keys::generate().map_err(key_err)?;
+    let public = key.verifying_key();
+    let pub_path = public_key_path(path);
+    // Refuse before writing anything, so a failure leaves no half-made pair behind.
+    for p in [path, pub_path.as_path()] {
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(FileError {
+                action: "refusing to overwrite",
+                path: p.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
+            }
+            .into());
+        }
+    }
+    files::write_atomic(path, keys::private_key_pem(&key).as_bytes(), 0o600, true)?;
+    files::write_atomic(
+        &pub_path,
+        keys::public_key_pem(&public).as_bytes(),
+        0o644,
+        true,
+    )?;
+    writeln!(out, "{}", KeyId::of(&public))?;
+    Ok(())
+}
+
+/// `KEY` -> `KEY.pub`.
+pub fn public_key_path(key: &Path) -> PathBuf {
+    let mut p = key.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+fn read_manifest(path: &Path) -> Result<Manifest, CliError> {
+    let text = files::read_text(path, SMALL_FILE_MAX)?;
+    Manifest::from_toml(&text).map_err(|reason| CliError::Manifest {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Reads a private key file.
+pub fn read_private_key(path: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
+    let text = files::read_text(path, SMALL_FILE_MAX)?;
+    keys::parse_private_key(&text).map_err(|source| CliError::Key {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads public key files into a trust set.
+pub fn read_trust_set(paths: &[PathBuf]) -> Result<TrustSet, CliError> {
+    let mut trust = TrustSet::new();
+    for path in paths {
+        let key_err = |source| CliError::Key {
+            path: path.clone(),
+            source,
+        };
+        let text = files::read_text(path, SMALL_FILE_MAX)?;
+        let key = keys::parse_public_key(&text).map_err(key_err)?;
+        trust.insert(key).map_err(key_err)?;
+    }
+    Ok(trust)
+}
+
+fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let manifest = read_manifest(&args.manifest)?;
+    let key = read_private_key(&args.key)?;
+    let wasm = match &args.wasm {
+        Some(path) => Some(files::read_bounded(path, args.max_bundle_bytes as u64)?),
+        None => None,
+    };
+    let bundle = bundle::sign(
+        manifest.clone(),
+        wasm.as_deref(),
+        &key,
+        args.max_bundle_bytes,
+    )?;
+    files::write_atomic(&args.out, &bundle, 0o644, false)?;
+    writeln!(
+        out,
+        "signed {} {} {} seq {} with key {} -> {} ({} bytes)",
+        manifest.action,
+        manifest.name,
+        manifest.version,
+        manifest.seq,
+        KeyId::of(&key.verifying_key()),
+        args.out.display(),
+        bundle.len()
+    )?;
+    Ok(())
+}
+
+/// Seconds since the Unix epoch, by the system clock.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let bytes = files::read_bounded(&args.bundle, args.max_bundle_bytes as u64)?;
+    let invalid = |source| CliError::Invalid {
+        path: args.bundle.clone(),
+        source,
+    };
+    let (manifest, kid, verified) = if args.trust.is_empty() {
+        let u = verify::read_unverified(&bytes, args.max_bundle_bytes).map_err(invalid)?;
+        (u.manifest, u.kid, false)
+    } else {
+        let verifier = Verifier::new(read_trust_set(&args.trust)?, crate::engine::new())
+            .with_max_bundle_bytes(args.max_bundle_bytes);
+        let v = verifier
+            .verify(&bytes, unix_now(), |_| None)
+            .map_err(invalid)?;
+        (v.manifest, v.key_id.to_string(), true)
+    };
+    if args.json {
+        let report = serde_json::json!({
+            "file": args.bundle.display().to_string(),
+            "bytes": bytes.len(),
+            "verified": verified,
+            "key_id": kid,
+            "manifest": manifest,
+        });
+        writeln!(out, "{report:#}")?;
+    } else {
+        print_manifest(out, &args.bundle, bytes.len(), &manifest, &kid, verified)?;
+    }
+    Ok(())
+}
+
+fn print_manifest(
+    out: &mut dyn Write,
+    path: &Path,
+    len: usize,
+    m: &Manifest,
+    kid: &str,
+    verified: bool,
+) -> std::io::Result<()> {
+    let signature = if verified {
+        format!("valid, by trusted key {kid}")
+    } else {
+        format!("NOT CHECKED (no --trust given); claims key {kid}")
+    };
+    writeln!(out, "bundle     {} ({len} bytes)", path.display())?;
+    writeln!(out, "signature  {signature}")?;
+    writeln!(out, "module     {} {}", m.name, m.version)?;
+    writeln!(out, "action     {}", m.action)?;
+    writeln!(out, "seq        {}", m.seq)?;
+    if let Some(w) = &m.wasm {
+        writeln!(out, "wasm       {} bytes, sha256 {}", w.size, w.sha256)?;
+    }
+    if m.action == Action::Install {
+        let l = &m.limits;
+        writeln!(
+            out,
+            "limits     fuel_per_call={} memory_max_bytes={} tick_interval_ms={}",
+            l.fuel_per_call, l.memory_max_bytes, l.tick_interval_ms
+        )?;
+        let c = &m.caps;
+        let mut caps = Vec::new();
+        if !c.publish.is_empty() {
+            caps.push(format!("publish={}", c.publish.join(",")));
+        }
+        if c.kv_quota_bytes > 0 {
+            caps.push(format!("kv_quota_bytes={}", c.kv_quota_bytes));
+        }
+        if !c.gpio.is_empty() {
+            let lines: Vec<String> = c.gpio.iter().map(u32::to_string).collect();
+            caps.push(format!("gpio={}", lines.join(",")));
+        }
+        for g in &c.i2c {
+            let addrs: Vec<String> = g.addresses.iter().map(|a| format!("{a:#04x}")).collect();
+            caps.push(format!("i2c{}={}", g.bus, addrs.join(",")));
+        }
+        for s in &c.spi {
+            caps.push(format!("spi{}.{}", s.bus, s.cs));
+        }
+        if caps.is_empty() {
+            caps.push("(none)".into());
+        }
+        writeln!(out, "caps       {}", caps.join(" "))?;
+    }
+    match m.expires_at {
+        Some(t) => writeln!(out, "expires    unix {t}")?,
+        None => writeln!(out, "expires    never")?,
+    }
+    match &m.targets {
+        Some(t) => writeln!(
+            out,
+            "targets    devices=[{}] groups=[{}]",
+            t.devices.join(","),
+            t.groups.join(",")
+        )?,
+        None => writeln!(out, "targets    any device that receives it")?,
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The sans-IO core: pure rules with no network, disk or clock access, unit-testable alone.
+//!
+//! Architecture Invariant: nothing under `core` performs IO or reads the clock; callers pass in
+//! bytes, times and state.
+
+pub mod bundle;
+pub mod keys;
+pub mod manifest;
+pub mod verify;

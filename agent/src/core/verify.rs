@@ -1,0 +1,442 @@
+//! Bundle verification: a pure function from bytes, a trust set, a clock reading and the installed
+//! sequence number to either a verified manifest (with its Wasm) or the one reason it is refused.
+//!
+//! The order is: size and container shape; COSE structure; algorithm EdDSA and a trusted `kid`
+//! in the protected header; the signature (strict Ed25519); then, on signed bytes only, the
+//! manifest's form, targets, expiry, sequence number, Wasm size, digest and validity.
+
+use coset::iana;
+use ed25519_dalek::Signature;
+
+use super::bundle::{self, ContainerError, DEFAULT_MAX_BUNDLE_BYTES};
+use super::keys::{KEY_ID_LEN, KeyId, TrustSet};
+use super::manifest::{Action, Manifest, ManifestProblem, Sha256};
+
+/// What a device is, for matching a bundle's `targets`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceIdentity {
+    /// Device id.
+    pub id: String,
+    /// Groups the device belongs to.
+    pub groups: Vec<String>,
+}
+
+/// A bundle that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified<'a> {
+    /// The signed manifest (its `wasm` digest matches `wasm`).
+    pub manifest: Manifest,
+    /// The key that signed it.
+    pub key_id: KeyId,
+    /// The module bytes, for installs.
+    pub wasm: Option<&'a [u8]>,
+}
+
+/// Why a bundle is refused. Each reason is its own variant; `module` is the module's name, marked
+/// "unverified" when it was read before the signature was checked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The container is malformed, too large, truncated or of another version.
+    #[error("bundle refused: {0}")]
+    Container(#[from] ContainerError),
+    /// The COSE_Sign1 is malformed.
+    #[error("bundle refused: the COSE_Sign1 is malformed: {0}")]
+    Cose(String),
+    /// The COSE_Sign1 carries no payload (detached payloads are not used).
+    #[error("bundle refused: the COSE_Sign1 has no payload")]
+    MissingPayload,
+    /// Something is in the unprotected header, which nothing signs.
+    #[error("bundle for module {module}: refused: the unprotected header must be empty")]
+    UnprotectedHeader {
+        /// Module name (unverified).
+        module: String,
+    },
+    /// The protected header holds parameters this agent does not understand.
+    #[error("bundle for module {module}: refused: unexpected protected header parameter {what}")]
+    UnexpectedHeader {
+        /// Module name (unverified).
+        module: String,
+        /// Which parameter.
+        what: String,
+    },
+    /// The algorithm is missing or is not EdDSA.
+    #[error("bundle for module {module}: refused: algorithm {alg} is not EdDSA")]
+    Algorithm {
+        /// Module name (unverified).
+        module: String,
+        /// The algorithm found.
+        alg: String,
+    },
+    /// No key id in the protected header.
+    #[error("bundle for module {module}: refused: no key id (kid) in the protected header")]
+    MissingKeyId {
+        /// Module name (unverified).
+        module: String,
+    },
+    /// The key id is not in the trust set.
+    #[error(
+        "bundle for module {module}: refused: signed by key {kid}, which this device does not trust"
+    )]
+    UnknownKey {
+        /// Module name (unverified).
+        module: String,
+        /// The key id, hex.
+        kid: String,
+    },
+    /// The signature does not verify under the named key.
+    #[error("bundle for module {module}: refused: the signature does not verify under key {kid}")]
+    BadSignature {
+        /// Module name (unverified).
+        module: String,
+        /// The key id.
+        kid: KeyId,
+    },
+    /// The signed payload is not a manifest.
+    #[error(
+        "bundle for module {module}: refused: the signed payload is not a valid manifest: {reason}"
+    )]
+    ManifestDecode {
+        /// Module name (unverified).
+        module: String,
+        /// Decoder message.
+        reason: String,
+    },
+    /// A manifest field is malformed (bad name, limits, caps, targets).
+    #[error("bundle refused: {0}")]
+    Manifest(#[from] ManifestProblem),
+    /// An install whose manifest or container lacks the Wasm.
+    #[error(
+        "bundle for module {module:?}: refused: an install must carry its Wasm module and digest"
+    )]
+    WasmMissing {
+        /// Module name.
+        module: String,
+    },
+    /// A removal that carries Wasm.
+    #[error("bundle for module {module:?}: refused: a removal must not carry a Wasm module")]
+    WasmUnexpected {
+        /// Module name.
+        module: String,
+    },
+    /// The bundle names other devices and groups.
+    #[error(
+        "bundle for module {module:?}: refused: its targets do not include device {device:?} or its groups"
+    )]
+    NotForThisDevice {
+        /// Module name.
+        module: String,
+        /// This device.
+        device: String,
+    },
+    /// The bundle has expired.
+    #[error("bundle for module {module:?}: refused: expired at unix time {expires_at} (now {now})")]
+    Expired {
+        /// Module name.
+        module: String,
+        /// Expiry.
+        expires_at: u64,
+        /// The clock reading used.
+        now: u64,
+    },
+    /// The sequence number does not exceed the installed one (a rollback or a replay).
+    #[error(
+        "bundle for module {module:?}: refused: seq {seq} is not greater than the installed seq {installed}"
+    )]
+    SeqNotGreater {
+        /// Module name.
+        module: String,
+        /// The bundle's seq.
+        seq: u64,
+        /// The highest seq accepted before.
+        installed: u64,
+    },
+    /// The Wasm length differs from the manifest.
+    #[error(
+        "bundle for module {module:?}: refused: Wasm is {actual} bytes, the manifest says {declared}"
+    )]
+    WasmSizeMismatch {
+        /// Module name.
+        module: String,
+        /// Size in the manifest.
+        declared: u64,
+        /// Size carried.
+        actual: u64,
+    },
+    /// The Wasm digest differs from the manifest.
+    #[error(
+        "bundle for module {module:?}: refused: Wasm SHA-256 is {actual}, the manifest says {declared}"
+    )]
+    WasmHashMismatch {
+        /// Module name.
+        module: String,
+        /// Digest in the manifest.
+        declared: Sha256,
+        /// Digest of the bytes carried.
+        actual: Sha256,
+    },
+    /// The bytes do not start with the Wasm magic and version.
+    #[error("bundle for module {module:?}: refused: the module bytes are not a WebAssembly binary")]
+    NotWasm {
+        /// Module name.
+        module: String,
+    },
+    /// The Wasm fails validation.
+    #[error("bundle for module {module:?}: refused: the Wasm module does not validate: {reason}")]
+    InvalidWasm {
+        /// Module name.
+        module: String,
+        /// Validator message.
+        reason: String,
+    },
+}
+
+/// The Wasm binary magic and version 1.
+pub const WASM_HEADER: [u8; 8] = *b"\0asm\x01\0\0\0";
+
+/// Verifies bundles for one device.
+#[derive(Debug, Clone)]
+pub struct Verifier {
+    trust: TrustSet,
+    engine: wasmi::Engine,
+    max_bundle_bytes: usize,
+    device: Option<DeviceIdentity>,
+}
+
+impl Verifier {
+    /// A verifier trusting `trust`, validating Wasm for `engine` (the engine modules will run on).
+    pub fn new(trust: TrustSet, engine: wasmi::Engine) -> Self {
+        Verifier {
+            trust,
+            engine,
+            max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
+            device: None,
+        }
+    }
+
+    /// Sets the largest bundle accepted.
+    pub fn with_max_bundle_bytes(mut self, max: usize) -> Self {
+        self.max_bundle_bytes = max;
+        self
+    }
+
+    /// Refuses bundles whose `targets` exclude this device.
+    pub fn for_device(mut self, device: DeviceIdentity) -> Self {
+        self.device = Some(device);
+        self
+    }
+
+    /// The trust set.
+    pub fn trust(&self) -> &TrustSet {
+        &self.trust
+    }
+
+    /// Verifies `bytes` at clock reading `now_unix` (seconds). `installed_seq` is asked, with the
+    /// verified module name, for the highest sequence number the device accepted for it before.
+    pub fn verify<'a>(
+        &self,
+        bytes: &'a [u8],
+        now_unix: u64,
+        installed_seq: impl FnOnce(&str) -> Option<u64>,
+    ) -> Result<Verified<'a>, VerifyError> {
+        let raw = bundle::decode(bytes, self.max_bundle_bytes)?;
+        let sign1 = bundle::parse_sign1(raw.sign1).map_err(VerifyError::Cose)?;
+        let payload = sign1
+            .payload
+            .as_deref()
+            .ok_or(VerifyError::MissingPayload)?;
+        let unverified = || match bundle::peek_name(payload) {
+            Some(name) => format!("{name:?} (unverified name)"),
+            None => "<unknown>".to_string(),
+        };
+        let key_id = self.check_headers(&sign1, &unverified)?;
+        self.check_signature(&sign1, key_id, &unverified)?;
+
+        let manifest =
+            Manifest::from_cbor(payload).map_err(|reason| VerifyError::ManifestDecode {
+                module: unverified(),
+                reason,
+            })?;
+        manifest.check()?;
+        let module = || manifest.name.clone();
+        let wasm = match (manifest.action, raw.wasm, manifest.wasm) {
+            (Action::Install, Some(wasm), Some(_)) => Some(wasm),
+            (Action::Install, _, _) => return Err(VerifyError::WasmMissing { module: module() }),
+            (Action::Remove, None, None) => None,
+            (Action::Remove, _, _) => {
+                return Err(VerifyError::WasmUnexpected { module: module() });
+            }
+        };
+        if let (Some(device), Some(targets)) = (&self.device, &manifest.targets)
+            && !targets.includes(&device.id, &device.groups)
+        {
+            return Err(VerifyError::NotForThisDevice {
+                module: module(),
+                device: device.id.clone(),
+            });
+        }
+        if let Some(expires_at) = manifest.expires_at
+            && expires_at <= now_unix
+        {
+            return Err(VerifyError::Expired {
+                module: module(),
+                expires_at,
+                now: now_unix,
+            });
+        }
+        if let Some(installed) = installed_seq(&manifest.name)
+            && manifest.seq <= installed
+        {
+            return Err(VerifyError::SeqNotGreater {
+                module: module(),
+                seq: manifest.seq,
+                installed,
+            });
+        }
+        if let (Some(wasm), Some(declared)) = (wasm, manifest.wasm) {
+            self.check_wasm(&manifest.name, wasm, declared.size, declared.sha256)?;
+        }
+        Ok(Verified {
+            manifest,
+            key_id,
+            wasm,
+        })
+    }
+
+    fn check_headers(
+        &self,
+        sign1: &coset::CoseSign1,
+        unverified: &dyn Fn() -> String,
+    ) -> Result<KeyId, VerifyError> {
+        if !sign1.unprotected.is_empty() {
+            return Err(VerifyError::UnprotectedHeader {
+                module: unverified(),
+            });
+        }
+        let h = &sign1.protected.header;
+        let unexpected = |what: &str| VerifyError::UnexpectedHeader {
+            module: unverified(),
+            what: what.to_string(),
+        };
+        if !h.crit.is_empty() {
+            return Err(unexpected("crit"));
+        }
+        if h.content_type.is_some() {
+            return Err(unexpected("content type"));
+        }
+        if !h.iv.is_empty() || !h.partial_iv.is_empty() {
+            return Err(unexpected("IV"));
+        }
+        if !h.counter_signatures.is_empty() {
+            return Err(unexpected("counter signature"));
+        }
+        if let Some((label, _)) = h.rest.first() {
+            return Err(unexpected(&format!("{label:?}")));
+        }
+        let eddsa = coset::Algorithm::Assigned(iana::Algorithm::EdDSA);
+        match &h.alg {
+            Some(alg) if *alg == eddsa => {}
+            other => {
+                return Err(VerifyError::Algorithm {
+                    module: unverified(),
+                    alg: other
+                        .as_ref()
+                        .map_or_else(|| "(none)".to_string(), |a| format!("{a:?}")),
+                });
+            }
+        }
+        if h.key_id.is_empty() {
+            return Err(VerifyError::MissingKeyId {
+                module: unverified(),
+            });
+        }
+        let unknown = || VerifyError::UnknownKey {
+            module: unverified(),
+            kid: hex::encode(&h.key_id),
+        };
+        let kid = <[u8; KEY_ID_LEN]>::try_from(h.key_id.as_slice()).map_err(|_| unknown())?;
+        let kid = KeyId(kid);
+        if self.trust.get(&kid).is_none() {
+            return Err(unknown());
+        }
+        Ok(kid)
+    }
+
+    fn check_signature(
+        &self,
+        sign1: &coset::CoseSign1,
+        kid: KeyId,
+        unverified: &dyn Fn() -> String,
+    ) -> Result<(), VerifyError> {
+        let bad = || VerifyError::BadSignature {
+            module: unverified(),
+            kid,
+        };
+        let key = self.trust.get(&kid).ok_or_else(bad)?;
+        sign1.verify_signature(&[], |sig, tbs| {
+            let sig = Signature::from_slice(sig).map_err(|_| bad())?;
+            key.verify_strict(tbs, &sig).map_err(|_| bad())
+        })
+    }
+
+    fn check_wasm(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        size: u64,
+        sha256: Sha256,
+    ) -> Result<(), VerifyError> {
+        let module = || name.to_string();
+        if wasm.len() as u64 != size {
+            return Err(VerifyError::WasmSizeMismatch {
+                module: module(),
+                declared: size,
+                actual: wasm.len() as u64,
+            });
+        }
+        let actual = Sha256::of(wasm);
+        if actual != sha256 {
+            return Err(VerifyError::WasmHashMismatch {
+                module: module(),
+                declared: sha256,
+                actual,
+            });
+        }
+        if !wasm.starts_with(&WASM_HEADER) {
+            return Err(VerifyError::NotWasm { module: module() });
+        }
+        wasmi::Module::validate(&self.engine, wasm).map_err(|e| VerifyError::InvalidWasm {
+            module: module(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// A bundle's contents read without any check of its signature, for display only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unverified {
+    /// The manifest as the payload states it.
+    pub manifest: Manifest,
+    /// The `kid` from the protected header, hex (empty when absent).
+    pub kid: String,
+    /// Length of the Wasm carried, if any.
+    pub wasm_len: Option<usize>,
+}
+
+/// Reads a bundle's manifest without verifying it. Never act on the result.
+pub fn read_unverified(bytes: &[u8], max_bundle_bytes: usize) -> Result<Unverified, VerifyError> {
+    let raw = bundle::decode(bytes, max_bundle_bytes)?;
+    let sign1 = bundle::parse_sign1(raw.sign1).map_err(VerifyError::Cose)?;
+    let payload = sign1
+        .payload
+        .as_deref()
+        .ok_or(VerifyError::MissingPayload)?;
+    let manifest = Manifest::from_cbor(payload).map_err(|reason| VerifyError::ManifestDecode {
+        module: bundle::peek_name(payload).unwrap_or_else(|| "<unknown>".into()),
+        reason,
+    })?;
+    Ok(Unverified {
+        manifest,
+        kid: hex::encode(&sign1.protected.header.key_id),
+        wasm_len: raw.wasm.map(<[u8]>::len),
+    })
+}

@@ -1,0 +1,463 @@
+//! Bundle verification over fixture bundles: valid, tampered, wrong key, old sequence, expired,
+//! malformed. Table-driven, plus a property test that no single changed byte is accepted.
+
+use coset::iana;
+use edge_agent::core::bundle::{self, ContainerError};
+use edge_agent::core::manifest::{Action, ManifestProblem, Sha256, Targets, WasmRef};
+use edge_agent::core::verify::{DeviceIdentity, VerifyError};
+use proptest::prelude::*;
+
+use crate::harness::{self, Raw, key, manifest, signed, tiny_wasm, verifier};
+
+const NOW: u64 = 1_800_000_000;
+
+type Check = fn(&VerifyError) -> bool;
+
+struct Case {
+    name: &'static str,
+    bundle: Vec<u8>,
+    installed_seq: Option<u64>,
+    expect: Result<(), Check>,
+}
+
+fn case(name: &'static str, bundle: Vec<u8>, expect: Check) -> Case {
+    Case {
+        name,
+        bundle,
+        installed_seq: None,
+        expect: Err(expect),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let k = key(1);
+    let stranger = key(2);
+    let wasm = tiny_wasm();
+    let valid = signed(manifest("heartbeat", 5), &wasm, &k);
+
+    let mut wasm_byte_changed = valid.clone();
+    let last = wasm_byte_changed.len() - 1;
+    wasm_byte_changed[last] ^= 0x01;
+
+    // A byte of the manifest (inside the signed payload): the module name's first letter.
+    let mut manifest_byte_changed = valid.clone();
+    let at = valid
+        .windows(9)
+        .position(|w| w == b"heartbeat")
+        .expect("name in payload");
+    manifest_byte_changed[at] = b'j';
+
+    let mut expired = manifest("heartbeat", 5);
+    expired.expires_at = Some(NOW - 1);
+    let mut not_yet_expired = manifest("heartbeat", 5);
+    not_yet_expired.expires_at = Some(NOW + 60);
+
+    let mut bad_name = manifest("heartbeat", 5);
+    bad_name.name = "Heart_Beat".into();
+
+    let mut wrong_size = manifest("heartbeat", 5);
+    wrong_size.wasm = Some(WasmRef {
+        sha256: Sha256::of(&wasm),
+        size: wasm.len() as u64 + 1,
+    });
+
+    let mut elsewhere = manifest("heartbeat", 5);
+    elsewhere.targets = Some(Targets {
+        devices: vec!["pi-7".into()],
+        groups: vec!["barn".into()],
+    });
+    let mut for_my_group = elsewhere.clone();
+    for_my_group.targets = Some(Targets {
+        devices: vec![],
+        groups: vec!["greenhouse".into()],
+    });
+
+    let mut removal = manifest("heartbeat", 6);
+    removal.action = Action::Remove;
+
+    let not_wasm = b"#!/bin/sh\necho not wasm\n".to_vec();
+    let mut broken_wasm = wasm.clone();
+    broken_wasm.truncate(wasm.len() - 3);
+
+    let mut huge = vec![0x83, 0x01, 0x5b];
+    huge.extend_from_slice(&u64::MAX.to_be_bytes());
+
+    let mut trailing = valid.clone();
+    trailing.push(0);
+    let mut version2 = valid.clone();
+    version2[1] = 0x02;
+
+    let mut seq_equal = case("seq equal to installed", valid.clone(), |e| {
+        matches!(
+            e,
+            VerifyError::SeqNotGreater {
+                seq: 5,
+                installed: 5,
+                ..
+            }
+        )
+    });
+    seq_equal.installed_seq = Some(5);
+    let mut seq_lower = case("seq lower than installed", valid.clone(), |e| {
+        matches!(
+            e,
+            VerifyError::SeqNotGreater {
+                seq: 5,
+                installed: 9,
+                ..
+            }
+        )
+    });
+    seq_lower.installed_seq = Some(9);
+    let upgrade = Case {
+        name: "seq above installed",
+        bundle: valid.clone(),
+        installed_seq: Some(4),
+        expect: Ok(()),
+    };
+
+    vec![
+        Case {
+            name: "valid",
+            bundle: valid.clone(),
+            installed_seq: None,
+            expect: Ok(()),
+        },
+        upgrade,
+        Case {
+            name: "not yet expired",
+            bundle: signed(not_yet_expired, &wasm, &k),
+            installed_seq: None,
+            expect: Ok(()),
+        },
+        Case {
+            name: "targets one of the device's groups",
+            bundle: signed(for_my_group, &wasm, &k),
+            installed_seq: None,
+            expect: Ok(()),
+        },
+        Case {
+            name: "signed removal",
+            bundle: Raw::new(removal.clone(), None, &k).build(),
+            installed_seq: Some(5),
+            expect: Ok(()),
+        },
+        case("a changed Wasm byte", wasm_byte_changed, |e| {
+            matches!(e, VerifyError::WasmHashMismatch { .. })
+        }),
+        case("a changed manifest byte", manifest_byte_changed, |e| {
+            matches!(e, VerifyError::BadSignature { .. })
+        }),
+        case(
+            "signed by an untrusted key",
+            signed(manifest("heartbeat", 5), &wasm, &stranger),
+            |e| matches!(e, VerifyError::UnknownKey { .. }),
+        ),
+        case(
+            "signed by another key under a trusted kid",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &stranger);
+                raw.kid = Some(
+                    edge_agent::core::keys::KeyId::of(&k.verifying_key())
+                        .0
+                        .to_vec(),
+                );
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::BadSignature { .. }),
+        ),
+        case(
+            "unknown kid",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k);
+                raw.kid = Some(vec![0xde, 0xad, 0xbe, 0xef]);
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::UnknownKey { kid, .. } if kid == "deadbeef"),
+        ),
+        case(
+            "no kid",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k);
+                raw.kid = None;
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::MissingKeyId { .. }),
+        ),
+        case(
+            "another alg",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k);
+                raw.alg = iana::Algorithm::ES256;
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::Algorithm { .. }),
+        ),
+        case(
+            "something in the unprotected header",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k);
+                raw.unprotected_kid = true;
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::UnprotectedHeader { .. }),
+        ),
+        case("expired", signed(expired, &wasm, &k), |e| {
+            matches!(e, VerifyError::Expired { .. })
+        }),
+        seq_equal,
+        seq_lower,
+        case("truncated", valid[..valid.len() - 10].to_vec(), |e| {
+            matches!(e, VerifyError::Container(ContainerError::Truncated(_)))
+        }),
+        case("empty", Vec::new(), |e| {
+            matches!(e, VerifyError::Container(ContainerError::Truncated(_)))
+        }),
+        case("garbage", b"this is not a bundle at all".to_vec(), |e| {
+            matches!(e, VerifyError::Container(ContainerError::NotABundle(_)))
+        }),
+        case("huge declared length", huge, |e| {
+            matches!(
+                e,
+                VerifyError::Container(ContainerError::LengthOutOfBounds { .. })
+            )
+        }),
+        case("trailing bytes", trailing, |e| {
+            matches!(e, VerifyError::Container(ContainerError::TrailingBytes(1)))
+        }),
+        case("another format version", version2, |e| {
+            matches!(
+                e,
+                VerifyError::Container(ContainerError::UnsupportedFormat(2))
+            )
+        }),
+        case(
+            "too large",
+            Raw::new(manifest("heartbeat", 5), Some(&vec![0u8; 5 << 20]), &k).build(),
+            |e| matches!(e, VerifyError::Container(ContainerError::TooLarge { .. })),
+        ),
+        case(
+            "bytes that are not Wasm",
+            Raw::new(manifest("heartbeat", 5), Some(&not_wasm), &k).build(),
+            |e| matches!(e, VerifyError::NotWasm { .. }),
+        ),
+        case(
+            "Wasm that does not validate",
+            Raw::new(manifest("heartbeat", 5), Some(&broken_wasm), &k).build(),
+            |e| matches!(e, VerifyError::InvalidWasm { .. }),
+        ),
+        case(
+            "Wasm size differs from the manifest",
+            Raw::new(wrong_size, Some(&wasm), &k).build(),
+            |e| matches!(e, VerifyError::WasmSizeMismatch { .. }),
+        ),
+        case(
+            "bad name",
+            Raw::new(bad_name, Some(&wasm), &k).build(),
+            |e| matches!(e, VerifyError::Manifest(ManifestProblem::BadName(n)) if n == "Heart_Beat"),
+        ),
+        case(
+            "signed payload is not a manifest",
+            {
+                let mut raw = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k);
+                raw.payload = vec![0x01];
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::ManifestDecode { .. }),
+        ),
+        case(
+            "install without Wasm",
+            Raw::new(manifest("heartbeat", 5), None, &k).build(),
+            |e| matches!(e, VerifyError::WasmMissing { .. }),
+        ),
+        case(
+            "removal carrying Wasm",
+            {
+                let mut raw = Raw::new(removal, None, &k);
+                raw.wasm = Some(&wasm);
+                raw.build()
+            },
+            |e| matches!(e, VerifyError::WasmUnexpected { .. }),
+        ),
+        case(
+            "targets another device",
+            signed(elsewhere, &wasm, &k),
+            |e| matches!(e, VerifyError::NotForThisDevice { .. }),
+        ),
+    ]
+}
+
+fn device() -> DeviceIdentity {
+    DeviceIdentity {
+        id: "pi-1".into(),
+        groups: vec!["greenhouse".into()],
+    }
+}
+
+#[test]
+fn every_fixture_bundle_gets_its_own_verdict() {
+    let v = verifier(&[&key(1)]).for_device(device());
+    let mut failures = Vec::new();
+    for case in cases() {
+        let result = v.verify(&case.bundle, NOW, |name| {
+            assert_eq!(
+                name, "heartbeat",
+                "{}: seq asked for the verified name",
+                case.name
+            );
+            case.installed_seq
+        });
+        match (&result, &case.expect) {
+            (Ok(_), Ok(())) => {}
+            (Err(e), Err(check)) if check(e) => {
+                let msg = e.to_string();
+                assert!(!msg.is_empty());
+            }
+            _ => failures.push(format!("{}: got {result:?}", case.name)),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn errors_name_the_module_and_the_reason() {
+    let v = verifier(&[&key(1)]);
+    let b = signed(manifest("heartbeat", 2), &tiny_wasm(), &key(2));
+    let msg = v.verify(&b, NOW, |_| None).unwrap_err().to_string();
+    assert!(msg.contains("\"heartbeat\""), "{msg}");
+    assert!(msg.contains("does not trust"), "{msg}");
+    let b = signed(manifest("heartbeat", 2), &tiny_wasm(), &key(1));
+    let msg = v.verify(&b, NOW, |_| Some(3)).unwrap_err().to_string();
+    assert!(msg.contains("heartbeat") && msg.contains("seq 2"), "{msg}");
+}
+
+#[test]
+fn a_verified_bundle_hands_back_its_manifest_and_wasm() {
+    let wasm = tiny_wasm();
+    let b = signed(manifest("echo", 1), &wasm, &key(1));
+    let v = verifier(&[&key(3), &key(1)])
+        .verify(&b, NOW, |_| None)
+        .unwrap();
+    assert_eq!(v.manifest.name, "echo");
+    assert_eq!(v.wasm, Some(&wasm[..]));
+    assert_eq!(
+        v.key_id,
+        edge_agent::core::keys::KeyId::of(&key(1).verifying_key())
+    );
+}
+
+#[test]
+fn an_empty_trust_set_refuses_everything() {
+    let b = signed(manifest("echo", 1), &tiny_wasm(), &key(1));
+    assert!(matches!(
+        verifier(&[]).verify(&b, NOW, |_| None),
+        Err(VerifyError::UnknownKey { .. })
+    ));
+}
+
+#[test]
+fn the_configured_maximum_bundle_size_is_enforced() {
+    let b = signed(manifest("echo", 1), &tiny_wasm(), &key(1));
+    let v = verifier(&[&key(1)]).with_max_bundle_bytes(b.len() - 1);
+    assert!(matches!(
+        v.verify(&b, NOW, |_| None),
+        Err(VerifyError::Container(ContainerError::TooLarge { .. }))
+    ));
+    assert!(bundle::sign(manifest("echo", 1), Some(&tiny_wasm()), &key(1), 10).is_err());
+}
+
+fn assert_every_single_byte_change_is_refused(bundle: &[u8]) {
+    let v = verifier(&[&key(1)]);
+    v.verify(bundle, NOW, |_| None)
+        .expect("the original is valid");
+    for i in 0..bundle.len() {
+        for mask in [0x01u8, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0xff] {
+            let mut b = bundle.to_vec();
+            b[i] ^= mask;
+            assert!(
+                v.verify(&b, NOW, |_| None).is_err(),
+                "byte {i} xor {mask:#04x} was accepted"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_bit_flip_of_an_install_bundle_is_refused() {
+    assert_every_single_byte_change_is_refused(&signed(
+        manifest("heartbeat", 1),
+        &tiny_wasm(),
+        &key(1),
+    ));
+}
+
+#[test]
+fn every_bit_flip_of_a_removal_bundle_is_refused() {
+    let mut m = manifest("heartbeat", 2);
+    m.action = Action::Remove;
+    let b = bundle::sign(m, None, &key(1), bundle::DEFAULT_MAX_BUNDLE_BYTES).unwrap();
+    assert_every_single_byte_change_is_refused(&b);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #[test]
+    fn changing_any_single_byte_to_any_other_value_is_refused(pos in any::<prop::sample::Index>(), delta in 1u8..=255) {
+        thread_local! {
+            static FIXTURE: (Vec<u8>, edge_agent::core::verify::Verifier) =
+                (signed(manifest("heartbeat", 1), &tiny_wasm(), &key(1)), verifier(&[&key(1)]));
+        }
+        FIXTURE.with(|(bundle, v)| {
+            let mut b = bundle.clone();
+            let i = pos.index(b.len());
+            b[i] = b[i].wrapping_add(delta);
+            prop_assert!(v.verify(&b, NOW, |_| None).is_err(), "byte {} + {} accepted", i, delta);
+            Ok(())
+        })?;
+    }
+}
+
+#[test]
+fn the_byte_by_byte_example_in_the_protocol_doc_is_what_the_code_produces() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
+        .unwrap();
+    let start = doc
+        .find("<!-- example-bundle-begin -->")
+        .expect("begin marker");
+    let end = doc.find("<!-- example-bundle-end -->").expect("end marker");
+    let block = &doc[start..end];
+    let hex_lines: String = block
+        .lines()
+        .filter(|l| l.starts_with("    ") || l.starts_with("0"))
+        .filter_map(|l| l.split('|').next())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let documented = harness::unhex(&hex_lines);
+    let produced = example_bundle();
+    assert_eq!(
+        hex::encode(&documented),
+        hex::encode(&produced),
+        "docs/protocol.md's example is stale; regenerate it with \
+         `cargo test --test it print_example_bundle -- --ignored --nocapture`"
+    );
+}
+
+/// The example in docs/protocol.md: key seed 0x01, the smallest valid Wasm module, a removal-free
+/// install of module "demo".
+fn example_bundle() -> Vec<u8> {
+    let wasm = b"\0asm\x01\0\0\0".to_vec();
+    let m = edge_agent::core::manifest::Manifest::from_toml(
+        "name = \"demo\"\nversion = \"1\"\nseq = 1\n[caps]\npublish = [\"t\"]\n",
+    )
+    .unwrap();
+    signed(m, &wasm, &key(1))
+}
+
+#[test]
+#[ignore = "prints the docs/protocol.md example"]
+fn print_example_bundle() {
+    let b = example_bundle();
+    for chunk in b.chunks(16) {
+        println!("    {}", hex::encode(chunk));
+    }
+}

@@ -1,0 +1,338 @@
+//! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::harness::{tempdir, tiny_wasm};
+
+const MANIFEST: &str = r#"
+name = "heartbeat"
+version = "1.0.0"
+seq = 1
+[limits]
+fuel_per_call = 1000000
+memory_max_bytes = 1048576
+tick_interval_ms = 1000
+[caps]
+publish = ["heartbeat/#"]
+kv_quota_bytes = 4096
+gpio = [17]
+i2c = [{ bus = 1, addresses = [0x76] }]
+"#;
+
+fn edgectl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgectl"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run edgectl")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "edgectl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "edgectl succeeded unexpectedly: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+/// A directory with a key pair `op.key`, `heartbeat.wasm`, `heartbeat.toml` and a signed
+/// `heartbeat.bundle`.
+fn signed_dir() -> tempfile::TempDir {
+    let dir = tempdir();
+    ok(edgectl(dir.path(), &["keygen", "--out", "op.key"]));
+    fs::write(dir.path().join("heartbeat.wasm"), tiny_wasm()).unwrap();
+    fs::write(dir.path().join("heartbeat.toml"), MANIFEST).unwrap();
+    ok(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "heartbeat.toml",
+            "--out",
+            "heartbeat.bundle",
+        ],
+    ));
+    dir
+}
+
+#[test]
+fn keygen_writes_a_private_key_only_its_owner_can_read_and_prints_the_key_id() {
+    let dir = tempdir();
+    let out = ok(edgectl(dir.path(), &["keygen", "--out", "op.key"]));
+    let kid = out.trim();
+    assert_eq!(kid.len(), 16, "{out}");
+    assert!(kid.bytes().all(|c| c.is_ascii_hexdigit()));
+    let mode = fs::metadata(dir.path().join("op.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let private = fs::read_to_string(dir.path().join("op.key")).unwrap();
+    let public = fs::read_to_string(dir.path().join("op.key.pub")).unwrap();
+    assert!(private.starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(public.starts_with("-----BEGIN PUBLIC KEY-----"));
+    let key = edge_agent::core::keys::parse_public_key(&public).unwrap();
+    assert_eq!(edge_agent::core::keys::KeyId::of(&key).to_string(), kid);
+}
+
+#[test]
+fn keygen_never_overwrites_a_key() {
+    let dir = tempdir();
+    ok(edgectl(dir.path(), &["keygen", "--out", "op.key"]));
+    let before = fs::read(dir.path().join("op.key")).unwrap();
+    let err = fails(edgectl(dir.path(), &["keygen", "--out", "op.key"]));
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    assert_eq!(fs::read(dir.path().join("op.key")).unwrap(), before);
+}
+
+#[test]
+fn openssl_reads_the_key_files() {
+    let dir = tempdir();
+    ok(edgectl(dir.path(), &["keygen", "--out", "op.key"]));
+    for args in [
+        vec!["pkey", "-in", "op.key", "-noout"],
+        vec!["pkey", "-pubin", "-in", "op.key.pub", "-noout"],
+    ] {
+        let out = Command::new("openssl")
+            .args(&args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl is installed by the test setup");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn sign_then_inspect_with_the_trusted_key_succeeds() {
+    let dir = signed_dir();
+    let out = ok(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "op.key.pub", "heartbeat.bundle"],
+    ));
+    assert!(out.contains("valid, by trusted key"), "{out}");
+    assert!(out.contains("heartbeat 1.0.0"), "{out}");
+    assert!(out.contains("i2c1=0x76"), "{out}");
+    assert!(out.contains("gpio=17"), "{out}");
+}
+
+#[test]
+fn inspect_json_reports_the_manifest() {
+    let dir = signed_dir();
+    let out = ok(edgectl(
+        dir.path(),
+        &[
+            "inspect",
+            "--trust",
+            "op.key.pub",
+            "--json",
+            "heartbeat.bundle",
+        ],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["manifest"]["name"], "heartbeat");
+    assert_eq!(v["manifest"]["seq"], 1);
+    assert_eq!(v["manifest"]["caps"]["i2c"][0]["addresses"][0], 0x76);
+    let sha = v["manifest"]["wasm"]["sha256"].as_str().unwrap();
+    assert_eq!(
+        sha,
+        edge_agent::core::manifest::Sha256::of(&tiny_wasm()).to_hex()
+    );
+}
+
+#[test]
+fn inspect_without_trust_prints_but_says_it_did_not_check() {
+    let dir = signed_dir();
+    let out = ok(edgectl(dir.path(), &["inspect", "heartbeat.bundle"]));
+    assert!(out.contains("NOT CHECKED"), "{out}");
+}
+
+#[test]
+fn inspect_refuses_a_bundle_with_any_changed_byte_with_a_reason() {
+    let dir = signed_dir();
+    let bundle = fs::read(dir.path().join("heartbeat.bundle")).unwrap();
+    // A sample of positions across the whole bundle: container, headers, payload, signature, Wasm.
+    for i in (0..bundle.len()).step_by(7) {
+        let mut b = bundle.clone();
+        b[i] ^= 0x20;
+        fs::write(dir.path().join("tampered.bundle"), &b).unwrap();
+        let err = fails(edgectl(
+            dir.path(),
+            &["inspect", "--trust", "op.key.pub", "tampered.bundle"],
+        ));
+        assert!(
+            err.starts_with("edgectl: tampered.bundle: "),
+            "byte {i}: {err}"
+        );
+        assert!(err.contains("refused"), "byte {i}: {err}");
+    }
+}
+
+#[test]
+fn inspect_refuses_a_bundle_signed_by_an_untrusted_key() {
+    let dir = signed_dir();
+    ok(edgectl(dir.path(), &["keygen", "--out", "other.key"]));
+    let err = fails(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "other.key.pub", "heartbeat.bundle"],
+    ));
+    assert!(
+        err.contains("\"heartbeat\"") && err.contains("does not trust"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_removal_is_signed_without_wasm() {
+    let dir = signed_dir();
+    fs::write(
+        dir.path().join("remove.toml"),
+        "name = \"heartbeat\"\nseq = 2\naction = \"remove\"\n",
+    )
+    .unwrap();
+    ok(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--manifest",
+            "remove.toml",
+            "--out",
+            "remove.bundle",
+        ],
+    ));
+    let out = ok(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "op.key.pub", "remove.bundle"],
+    ));
+    assert!(out.contains("action     remove"), "{out}");
+}
+
+#[test]
+fn sign_explains_what_is_wrong() {
+    let dir = signed_dir();
+    let err = fails(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--manifest",
+            "heartbeat.toml",
+            "--out",
+            "x.bundle",
+        ],
+    ));
+    assert!(err.contains("needs the Wasm module"), "{err}");
+
+    fs::write(
+        dir.path().join("bad.toml"),
+        MANIFEST.replace("heartbeat\"", "Heart Beat\""),
+    )
+    .unwrap();
+    let err = fails(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "bad.toml",
+            "--out",
+            "x.bundle",
+        ],
+    ));
+    assert!(err.contains("not well formed"), "{err}");
+
+    fs::write(
+        dir.path().join("typo.toml"),
+        format!("{MANIFEST}\nfuel = 3\n"),
+    )
+    .unwrap();
+    let err = fails(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "typo.toml",
+            "--out",
+            "x.bundle",
+        ],
+    ));
+    assert!(err.contains("typo.toml") && err.contains("fuel"), "{err}");
+
+    let err = fails(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "op.key.pub",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "heartbeat.toml",
+            "--out",
+            "x.bundle",
+        ],
+    ));
+    assert!(
+        err.contains("op.key.pub") && err.contains("private key"),
+        "{err}"
+    );
+
+    let err = fails(edgectl(
+        dir.path(),
+        &[
+            "sign",
+            "--key",
+            "missing.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "heartbeat.toml",
+            "--out",
+            "x.bundle",
+        ],
+    ));
+    assert!(err.contains("missing.key"), "{err}");
+    assert!(!dir.path().join("x.bundle").exists());
+}
+
+#[test]
+fn inspect_refuses_what_is_not_a_bundle() {
+    let dir = signed_dir();
+    let err = fails(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "op.key.pub", "heartbeat.wasm"],
+    ));
+    assert!(err.contains("not a bundle"), "{err}");
+}
