@@ -20,6 +20,7 @@ test:
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+    cd modules/guests && cargo fmt -- --check && cargo clippy --locked -- -D warnings
 
 # format the code
 fmt:
@@ -40,3 +41,11 @@ fuzz TARGET="verify_bundle" *ARGS:
 # release build of the agent and edgectl for this machine
 build:
     cargo build --release --locked -p edge-agent
+
+# build the guest modules (Rust and C) into target/modules
+modules:
+    modules/build
+
+# runtime benchmarks: cold start, fuel overhead, host calls, memory per module
+bench: modules
+    cargo bench --locked -p edge-agent --bench runtime

@@ -114,3 +114,38 @@ pub fn unhex(text: &str) -> Vec<u8> {
     let digits: String = text.chars().filter(char::is_ascii_hexdigit).collect();
     hex::decode(digits).unwrap()
 }
+
+/// The repository root.
+pub fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds the guest modules once per test process (`modules/build`, incremental and locked).
+fn built_modules() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let status = std::process::Command::new(repo().join("modules/build"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run modules/build");
+        assert!(status.success(), "modules/build failed");
+        repo().join("target/modules")
+    })
+}
+
+/// A guest module's Wasm bytes and manifest, as `modules/build` leaves them.
+pub fn guest(name: &str) -> (Manifest, Vec<u8>) {
+    let dir = built_modules();
+    let wasm = std::fs::read(dir.join(format!("{name}.wasm")))
+        .unwrap_or_else(|e| panic!("{name}.wasm: {e}"));
+    let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+    (Manifest::from_toml(&text).unwrap(), wasm)
+}
+
+/// Path of a built guest module file (`.wasm` or `.toml`).
+pub fn guest_file(file: &str) -> std::path::PathBuf {
+    built_modules().join(file)
+}

@@ -5,3 +5,6 @@
 mod bundles;
 mod edgectl;
 mod harness;
+mod run_module;
+mod runner;
+mod runtime;

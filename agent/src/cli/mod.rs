@@ -1,4 +1,6 @@
 //! Command-line front ends. The binaries in `src/bin` only call into here.
 
+pub mod agent;
 pub mod edgectl;
 mod files;
+pub mod run_module;

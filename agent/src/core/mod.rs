@@ -6,4 +6,6 @@
 pub mod bundle;
 pub mod keys;
 pub mod manifest;
+pub mod policy;
+pub mod rate;
 pub mod verify;

@@ -1,0 +1,187 @@
+//! `edge-agent run-module`: the module author's inner loop. Runs one module locally under exactly
+//! the runtime, limits and capability checks the daemon uses, and prints what it does.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::files;
+use crate::core::manifest::Manifest;
+use crate::runtime::kv::MemoryKv;
+use crate::runtime::{CallReport, Outcome, Runtime, RuntimeConfig};
+
+/// Largest Wasm file read.
+const WASM_MAX: u64 = 16 << 20;
+
+/// Arguments of `edge-agent run-module`.
+#[derive(Debug, Args)]
+pub struct RunModuleArgs {
+    /// The Wasm module.
+    pub wasm: PathBuf,
+    /// Its TOML manifest (the one `edgectl sign` takes).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// How many times to call `tick` (after `init` and the messages).
+    #[arg(long, default_value_t = 3)]
+    pub ticks: u32,
+    /// A message for `on_message`, as TOPIC=PAYLOAD (topic relative to the module's inbox);
+    /// repeatable, delivered in order after `init`.
+    #[arg(long = "message", value_name = "TOPIC=PAYLOAD", value_parser = parse_message)]
+    pub messages: Vec<(String, String)>,
+}
+
+fn parse_message(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(t, p)| (t.to_string(), p.to_string()))
+        .ok_or_else(|| format!("{s:?} is not TOPIC=PAYLOAD"))
+}
+
+/// How `run-module` ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RunModuleError {
+    /// A file could not be read.
+    #[error(transparent)]
+    File(#[from] files::FileError),
+    /// The manifest is malformed.
+    #[error("{path}: {reason}")]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The module was refused at install (exit status 3).
+    #[error("refused at install: {0}")]
+    Refused(String),
+    /// A call did not finish (exit status 1).
+    #[error("module {module:?}: {call}: {outcome}")]
+    CallFailed {
+        /// Module name.
+        module: String,
+        /// Which call.
+        call: String,
+        /// How it ended.
+        outcome: Outcome,
+    },
+    /// Writing to the terminal failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+impl RunModuleError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunModuleError::CallFailed { .. } => 1,
+            RunModuleError::Refused(_) => 3,
+            _ => 2,
+        }
+    }
+}
+
+/// Runs the module as the arguments say, printing to `out`.
+pub fn run(
+    args: &RunModuleArgs,
+    config: RuntimeConfig,
+    out: &mut dyn Write,
+) -> Result<(), RunModuleError> {
+    let text = files::read_text(&args.manifest, 64 * 1024)?;
+    let manifest = Manifest::from_toml(&text)
+        .and_then(|m| m.check().map(|()| m).map_err(|e| e.to_string()))
+        .map_err(|reason| RunModuleError::Manifest {
+            path: args.manifest.clone(),
+            reason,
+        })?;
+    let wasm = files::read_bounded(&args.wasm, WASM_MAX)?;
+    let runtime = Runtime::new(config);
+    let refused = |e: String| RunModuleError::Refused(e);
+    // The install checks a device makes (validation included).
+    let prepared = runtime
+        .prepare(&manifest, &wasm)
+        .map_err(|e| refused(e.to_string()))?;
+    let limits = prepared.limits();
+    writeln!(
+        out,
+        "{} {}: fuel {} per call, memory cap {} bytes, tick every {} ms, kv quota {} bytes",
+        manifest.name,
+        manifest.version,
+        limits.fuel_per_call,
+        limits.memory_max_bytes,
+        limits.tick_interval_ms,
+        limits.kv_quota_bytes
+    )?;
+    let kv = (limits.kv_quota_bytes > 0)
+        .then(|| Box::new(MemoryKv::new(limits.kv_quota_bytes)) as Box<_>);
+    let mut instance = runtime
+        .instantiate(&prepared, kv)
+        .map_err(|e| refused(e.to_string()))?;
+
+    let check =
+        |call: String, report: CallReport, out: &mut dyn Write| -> Result<(), RunModuleError> {
+            print_report(out, &call, &report)?;
+            if report.outcome.is_finished() {
+                Ok(())
+            } else {
+                Err(RunModuleError::CallFailed {
+                    module: manifest.name.clone(),
+                    call,
+                    outcome: report.outcome,
+                })
+            }
+        };
+    check("init".into(), instance.init(), out)?;
+    for (topic, payload) in &args.messages {
+        match instance.deliver(topic, payload.as_bytes()) {
+            Ok(report) => check(format!("on_message {topic}"), report, out)?,
+            Err(e) => writeln!(out, "{:<12} not delivered: {e}", "on_message")?,
+        }
+    }
+    let ticks = if instance.has_tick() && limits.tick_interval_ms > 0 {
+        args.ticks
+    } else {
+        0
+    };
+    for n in 1..=ticks {
+        check(format!("tick {n}"), instance.tick(), out)?;
+    }
+    let s = instance.stats();
+    writeln!(
+        out,
+        "{:<12} {} calls, fuel {} total (last {}), memory {} bytes, kv {} bytes, {} published, {} log lines ({} dropped), {} refused host calls",
+        "summary",
+        s.calls,
+        s.fuel_total,
+        s.fuel_last,
+        s.memory_bytes,
+        s.kv_bytes,
+        s.host.published,
+        s.host.log_lines,
+        s.host.log_dropped,
+        s.host.refused
+    )?;
+    Ok(())
+}
+
+fn print_report(out: &mut dyn Write, call: &str, r: &CallReport) -> std::io::Result<()> {
+    writeln!(out, "{call:<12} {}, fuel {}", r.outcome, r.fuel_used)?;
+    for line in &r.logs {
+        writeln!(out, "  log      {:<5} {}", line.level, line.text)?;
+    }
+    for m in &r.messages {
+        writeln!(out, "  publish  {} {}", m.topic, show_payload(&m.payload))?;
+    }
+    for refusal in &r.refusals {
+        writeln!(out, "  refused  {refusal}")?;
+    }
+    Ok(())
+}
+
+/// A payload for the terminal: quoted text when it is printable UTF-8, hex otherwise.
+pub fn show_payload(p: &[u8]) -> String {
+    match std::str::from_utf8(p) {
+        Ok(s) if !s.chars().any(char::is_control) => format!("{s:?}"),
+        _ if p.len() > 64 => format!("0x{}… ({} bytes)", hex::encode(&p[..64]), p.len()),
+        _ => format!("0x{}", hex::encode(p)),
+    }
+}

@@ -1,0 +1,691 @@
+//! Host functions of ABI v1, written over a plain byte slice (the guest's memory) and the module's
+//! host state, so they can be tested and fuzzed without an engine. `linker.rs` wires them to wasmi.
+//!
+//! Every pointer and length is checked before use: lengths against the ABI's limits first
+//! (`TOO_LARGE`), then the range against the memory (`BAD_POINTER`). Everything a guest can make
+//! the host keep — log lines, messages, key-value bytes — is bounded per call and counted.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use edge_abi::{err, level, limits};
+
+use super::kv::{KvError, KvStore};
+use crate::core::manifest::{check_topic, topic_matches};
+use crate::core::rate::{Rate, TokenBucket};
+
+/// A source of wall-clock time in milliseconds since the Unix epoch.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now, in milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Log severity.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// `level::ERROR`.
+    Error,
+    /// `level::WARN`.
+    Warn,
+    /// `level::INFO`.
+    Info,
+    /// `level::DEBUG`.
+    Debug,
+}
+
+impl LogLevel {
+    fn from_abi(l: i32) -> Option<Self> {
+        match l {
+            level::ERROR => Some(LogLevel::Error),
+            level::WARN => Some(LogLevel::Warn),
+            level::INFO => Some(LogLevel::Info),
+            level::DEBUG => Some(LogLevel::Debug),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogLevel::Error => "ERROR",
+            LogLevel::Warn => "WARN",
+            LogLevel::Info => "INFO",
+            LogLevel::Debug => "DEBUG",
+        })
+    }
+}
+
+/// A line a module logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// Severity.
+    pub level: LogLevel,
+    /// The text (at most `LOG_LINE_MAX` bytes, invalid UTF-8 replaced).
+    pub text: String,
+}
+
+/// A message a module published, topic relative to its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutMessage {
+    /// Relative topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// A host call that returned an error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The import.
+    pub call: &'static str,
+    /// The code returned.
+    pub code: i32,
+    /// Why, for the operator.
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} refused ({}): {}",
+            self.call,
+            err::name(self.code),
+            self.reason
+        )
+    }
+}
+
+/// Per-call bounds and rates the host enforces (from the agent's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    /// Publishes allowed over time.
+    pub publish_rate: Rate,
+    /// Log lines allowed over time.
+    pub log_rate: Rate,
+    /// Messages one guest call may queue.
+    pub max_messages_per_call: usize,
+    /// Payload bytes one guest call may queue.
+    pub max_message_bytes_per_call: usize,
+    /// Log lines one guest call may queue.
+    pub max_log_lines_per_call: usize,
+    /// Refused host calls after which the guest call is ended (a guest spinning on errors).
+    pub max_refusals_per_call: u32,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        HostLimits {
+            publish_rate: Rate {
+                per_sec: 20,
+                burst: 50,
+            },
+            log_rate: Rate {
+                per_sec: 50,
+                burst: 100,
+            },
+            max_messages_per_call: 64,
+            max_message_bytes_per_call: 256 * 1024,
+            max_log_lines_per_call: 256,
+            max_refusals_per_call: 100,
+        }
+    }
+}
+
+/// Counters over the module's lifetime (across calls and restarts of the same instance).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostCounters {
+    /// Lines logged.
+    pub log_lines: u64,
+    /// Lines dropped (rate limit or per-call bound).
+    pub log_dropped: u64,
+    /// Messages published.
+    pub published: u64,
+    /// Payload bytes published.
+    pub published_bytes: u64,
+    /// Host calls that returned an error code (not counting "not found").
+    pub refused: u64,
+}
+
+/// The guest call was ended by the host: the guest kept making calls that were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abort {
+    /// The import whose refusal crossed the limit.
+    pub call: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl fmt::Display for Abort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.call, self.reason)
+    }
+}
+
+impl std::error::Error for Abort {}
+impl wasmi::errors::HostError for Abort {}
+
+/// One host call with its raw arguments, as the guest made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCall {
+    /// `log(level, ptr, len)`.
+    Log(i32, i32, i32),
+    /// `now_ms()`.
+    NowMs,
+    /// `random(ptr, len)`.
+    Random(i32, i32),
+    /// `publish(topic_ptr, topic_len, payload_ptr, payload_len)`.
+    Publish(i32, i32, i32, i32),
+    /// `kv_get(key_ptr, key_len, buf_ptr, buf_cap)`.
+    KvGet(i32, i32, i32, i32),
+    /// `kv_set(key_ptr, key_len, val_ptr, val_len)`.
+    KvSet(i32, i32, i32, i32),
+    /// `kv_delete(key_ptr, key_len)`.
+    KvDelete(i32, i32),
+}
+
+/// Everything the host keeps for one module instance.
+#[derive(Debug)]
+pub struct HostState {
+    publish: Vec<String>,
+    kv: Option<Box<dyn KvStoreDebug>>,
+    clock: Arc<dyn Clock>,
+    limits: HostLimits,
+    publish_bucket: TokenBucket,
+    log_bucket: TokenBucket,
+    /// Queued for the caller, drained after each guest call.
+    pub(super) messages: Vec<OutMessage>,
+    message_bytes: usize,
+    pub(super) logs: Vec<LogLine>,
+    pub(super) refusals: Vec<Refusal>,
+    refusals_this_call: u32,
+    /// Lifetime counters.
+    pub counters: HostCounters,
+    /// The limiter (memory and table caps) wasmi consults.
+    pub(super) limiter: super::limiter::GuestLimiter,
+    /// The guest's memory, once instantiated.
+    pub(super) memory: Option<wasmi::Memory>,
+}
+
+/// `KvStore` plus `Debug`, so the state can be printed.
+pub trait KvStoreDebug: KvStore + fmt::Debug {}
+impl<T: KvStore + fmt::Debug> KvStoreDebug for T {}
+
+/// Refusals kept per call for reporting (the count goes on beyond this).
+const REFUSALS_KEPT_PER_CALL: usize = 16;
+
+impl HostState {
+    /// Host state for a module granted `publish` patterns and, if any, a key-value store.
+    pub fn new(
+        publish: Vec<String>,
+        kv: Option<Box<dyn KvStoreDebug>>,
+        clock: Arc<dyn Clock>,
+        limits: HostLimits,
+        limiter: super::limiter::GuestLimiter,
+    ) -> Self {
+        let now = clock.now_ms();
+        HostState {
+            publish,
+            kv,
+            publish_bucket: TokenBucket::new(limits.publish_rate, now),
+            log_bucket: TokenBucket::new(limits.log_rate, now),
+            clock,
+            limits,
+            messages: Vec::new(),
+            message_bytes: 0,
+            logs: Vec::new(),
+            refusals: Vec::new(),
+            refusals_this_call: 0,
+            counters: HostCounters::default(),
+            limiter,
+            memory: None,
+        }
+    }
+
+    /// Clears the per-call bounds before a guest call.
+    pub(super) fn begin_call(&mut self) {
+        self.messages.clear();
+        self.message_bytes = 0;
+        self.logs.clear();
+        self.refusals.clear();
+        self.refusals_this_call = 0;
+        self.limiter.denied = None;
+    }
+
+    /// The module's key-value store.
+    pub(super) fn into_kv(self) -> Option<Box<dyn KvStoreDebug>> {
+        self.kv
+    }
+
+    /// Bytes in the module's key-value store.
+    pub fn kv_used_bytes(&self) -> u64 {
+        self.kv.as_ref().map_or(0, |kv| kv.used_bytes())
+    }
+
+    /// Runs one host call against `mem`. `Ok` carries the value returned to the guest (an `i32`
+    /// code widened, or `now_ms`); `Err` ends the guest call.
+    pub fn call(&mut self, mem: &mut [u8], call: HostCall) -> Result<i64, Abort> {
+        let (name, result) = match call {
+            HostCall::Log(l, p, n) => (edge_abi::import::LOG, self.log(mem, l, p, n)),
+            HostCall::NowMs => {
+                let now = i64::try_from(self.clock.now_ms()).unwrap_or(i64::MAX);
+                return Ok(now);
+            }
+            HostCall::Random(p, n) => (edge_abi::import::RANDOM, self.random(mem, p, n)),
+            HostCall::Publish(tp, tl, pp, pl) => {
+                (edge_abi::import::PUBLISH, self.publish(mem, tp, tl, pp, pl))
+            }
+            HostCall::KvGet(kp, kl, bp, bc) => {
+                (edge_abi::import::KV_GET, self.kv_get(mem, kp, kl, bp, bc))
+            }
+            HostCall::KvSet(kp, kl, vp, vl) => {
+                (edge_abi::import::KV_SET, self.kv_set(mem, kp, kl, vp, vl))
+            }
+            HostCall::KvDelete(kp, kl) => {
+                (edge_abi::import::KV_DELETE, self.kv_delete(mem, kp, kl))
+            }
+        };
+        match result {
+            Ok(v) => Ok(i64::from(v)),
+            Err((code, _)) if code == err::NOT_FOUND => Ok(i64::from(code)),
+            Err((code, reason)) => self.refuse(name, code, reason).map(i64::from),
+        }
+    }
+
+    fn refuse(&mut self, call: &'static str, code: i32, reason: String) -> Result<i32, Abort> {
+        self.counters.refused += 1;
+        self.refusals_this_call += 1;
+        if self.refusals.len() < REFUSALS_KEPT_PER_CALL {
+            self.refusals.push(Refusal {
+                call,
+                code,
+                reason: reason.clone(),
+            });
+        }
+        if self.refusals_this_call > self.limits.max_refusals_per_call {
+            return Err(Abort {
+                call,
+                reason: format!(
+                    "more than {} refused host calls in one guest call (last: {reason})",
+                    self.limits.max_refusals_per_call
+                ),
+            });
+        }
+        Ok(code)
+    }
+
+    fn log(&mut self, mem: &[u8], lvl: i32, ptr: i32, len: i32) -> HostResult {
+        let level = LogLevel::from_abi(lvl)
+            .ok_or_else(|| (err::BAD_ARGUMENT, format!("unknown log level {lvl}")))?;
+        // Long lines are cut, not refused: read at most LOG_LINE_MAX bytes of them.
+        let range = range(mem, ptr, len, u32::MAX, "log line")?;
+        let keep = range.len().min(limits::LOG_LINE_MAX as usize);
+        let bytes = &mem[range.start..range.start + keep];
+        if self.logs.len() >= self.limits.max_log_lines_per_call {
+            self.counters.log_dropped += 1;
+            return Err((err::BUSY, "too many log lines in one call".into()));
+        }
+        if !self.log_bucket.try_take(self.clock.now_ms()) {
+            self.counters.log_dropped += 1;
+            return Err((err::RATE_LIMITED, "log rate exceeded".into()));
+        }
+        self.counters.log_lines += 1;
+        self.logs.push(LogLine {
+            level,
+            text: utf8_lossy_bounded(bytes, limits::LOG_LINE_MAX as usize),
+        });
+        Ok(err::OK)
+    }
+
+    fn random(&mut self, mem: &mut [u8], ptr: i32, len: i32) -> HostResult {
+        let range = range(mem, ptr, len, limits::RANDOM_MAX, "random buffer")?;
+        getrandom::fill(&mut mem[range])
+            .map_err(|e| (err::UNAVAILABLE, format!("random source failed: {e}")))?;
+        Ok(err::OK)
+    }
+
+    fn publish(&mut self, mem: &[u8], tp: i32, tl: i32, pp: i32, pl: i32) -> HostResult {
+        let topic = range(mem, tp, tl, limits::TOPIC_MAX, "topic")?;
+        let payload = range(mem, pp, pl, limits::PAYLOAD_MAX, "payload")?;
+        let topic = std::str::from_utf8(&mem[topic])
+            .map_err(|_| (err::BAD_ARGUMENT, "topic is not UTF-8".to_string()))?;
+        check_topic(topic).map_err(|e| (err::BAD_ARGUMENT, e))?;
+        if !self.publish.iter().any(|p| topic_matches(p, topic)) {
+            return Err((
+                err::DENIED,
+                format!(
+                    "topic {topic:?} is not granted by caps.publish {:?}",
+                    self.publish
+                ),
+            ));
+        }
+        if self.messages.len() >= self.limits.max_messages_per_call
+            || self.message_bytes + payload.len() > self.limits.max_message_bytes_per_call
+        {
+            return Err((err::BUSY, "outgoing queue full for this call".into()));
+        }
+        if !self.publish_bucket.try_take(self.clock.now_ms()) {
+            return Err((err::RATE_LIMITED, "publish rate exceeded".into()));
+        }
+        self.message_bytes += payload.len();
+        self.counters.published += 1;
+        self.counters.published_bytes += payload.len() as u64;
+        self.messages.push(OutMessage {
+            topic: topic.to_string(),
+            payload: mem[payload].to_vec(),
+        });
+        Ok(err::OK)
+    }
+
+    fn kv(&mut self) -> Result<&mut Box<dyn KvStoreDebug>, (i32, String)> {
+        self.kv
+            .as_mut()
+            .ok_or_else(|| (err::DENIED, "no key-value store is granted".to_string()))
+    }
+
+    fn kv_get(&mut self, mem: &mut [u8], kp: i32, kl: i32, bp: i32, bc: i32) -> HostResult {
+        let key = key_range(mem, kp, kl)?;
+        let buf = range(mem, bp, bc, u32::MAX, "value buffer")?;
+        let key = mem[key].to_vec();
+        let value = self.kv()?.get(&key).map_err(kv_error)?;
+        let Some(value) = value else {
+            return Err((err::NOT_FOUND, "no such key".into()));
+        };
+        if value.len() <= buf.len() {
+            mem[buf.start..buf.start + value.len()].copy_from_slice(&value);
+        }
+        Ok(i32::try_from(value.len()).unwrap_or(i32::MAX))
+    }
+
+    fn kv_set(&mut self, mem: &[u8], kp: i32, kl: i32, vp: i32, vl: i32) -> HostResult {
+        let key = key_range(mem, kp, kl)?;
+        let value = range(mem, vp, vl, limits::KV_VALUE_MAX, "value")?;
+        self.kv()?.set(&mem[key], &mem[value]).map_err(kv_error)?;
+        Ok(err::OK)
+    }
+
+    fn kv_delete(&mut self, mem: &[u8], kp: i32, kl: i32) -> HostResult {
+        let key = key_range(mem, kp, kl)?;
+        if self.kv()?.delete(&mem[key]).map_err(kv_error)? {
+            Ok(err::OK)
+        } else {
+            Err((err::NOT_FOUND, "no such key".into()))
+        }
+    }
+}
+
+type HostResult = Result<i32, (i32, String)>;
+
+fn kv_error(e: KvError) -> (i32, String) {
+    match e {
+        KvError::QuotaExceeded { .. } => (err::QUOTA_EXCEEDED, e.to_string()),
+        KvError::Storage(_) => (err::UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// The guest range `ptr .. ptr + len`, checked: `len` against `max` (`TOO_LARGE`), then the range
+/// against the memory (`BAD_POINTER`). Both are unsigned 32-bit values as wasm32 sees them.
+pub fn range(
+    mem: &[u8],
+    ptr: i32,
+    len: i32,
+    max: u32,
+    what: &str,
+) -> Result<Range<usize>, (i32, String)> {
+    let (ptr, len) = (ptr as u32, len as u32);
+    if len > max {
+        return Err((
+            err::TOO_LARGE,
+            format!("{what} of {len} bytes is above the limit of {max}"),
+        ));
+    }
+    let start = ptr as usize;
+    match start.checked_add(len as usize) {
+        Some(end) if end <= mem.len() => Ok(start..end),
+        _ => Err((
+            err::BAD_POINTER,
+            format!(
+                "{what} at {ptr:#x}+{len} lies outside the module's {} bytes of memory",
+                mem.len()
+            ),
+        )),
+    }
+}
+
+fn key_range(mem: &[u8], ptr: i32, len: i32) -> Result<Range<usize>, (i32, String)> {
+    let r = range(mem, ptr, len, limits::KV_KEY_MAX, "key")?;
+    if r.is_empty() {
+        return Err((err::BAD_ARGUMENT, "empty key".into()));
+    }
+    Ok(r)
+}
+
+/// UTF-8 text of `bytes`, invalid sequences replaced, at most `max` bytes long (cut back to a
+/// character boundary).
+fn utf8_lossy_bounded(bytes: &[u8], max: usize) -> String {
+    let mut text = String::from_utf8_lossy(bytes).into_owned();
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::kv::MemoryKv;
+    use crate::runtime::limiter::GuestLimiter;
+
+    #[derive(Debug)]
+    struct FixedClock(u64);
+    impl Clock for FixedClock {
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn state(limits: HostLimits) -> HostState {
+        HostState::new(
+            vec!["t/#".into()],
+            Some(Box::new(MemoryKv::new(64))),
+            Arc::new(FixedClock(1_000)),
+            limits,
+            GuestLimiter::new(65536, 10),
+        )
+    }
+
+    fn mem_with(at: usize, bytes: &[u8]) -> Vec<u8> {
+        let mut m = vec![0u8; 1024];
+        m[at..at + bytes.len()].copy_from_slice(bytes);
+        m
+    }
+
+    #[test]
+    fn every_out_of_bounds_pointer_or_length_is_an_error_code() {
+        let mut s = state(HostLimits::default());
+        let mut mem = vec![0u8; 1024];
+        let bad = [
+            (1020, 8),
+            (-1, 1),
+            (0, -1),
+            (i32::MIN, 4),
+            (1024, 1),
+            (0, 1025),
+        ];
+        for (p, n) in bad {
+            for call in [
+                HostCall::Log(level::INFO, p, n),
+                HostCall::Random(p, n),
+                HostCall::Publish(p, n, 0, 1),
+                HostCall::Publish(0, 1, p, n),
+                HostCall::KvGet(p, n, 0, 4),
+                HostCall::KvGet(0, 1, p, n),
+                HostCall::KvSet(p, n, 0, 1),
+                HostCall::KvSet(0, 1, p, n),
+                HostCall::KvDelete(p, n),
+            ] {
+                let r = s.call(&mut mem, call).unwrap();
+                assert!(
+                    r == i64::from(err::BAD_POINTER) || r == i64::from(err::TOO_LARGE),
+                    "{call:?} returned {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn publish_checks_the_grant_and_queues_a_copy() {
+        let mut s = state(HostLimits::default());
+        let mut mem = mem_with(0, b"t/ax/yhello");
+        assert_eq!(s.call(&mut mem, HostCall::Publish(0, 3, 6, 5)), Ok(0));
+        assert_eq!(
+            s.messages,
+            vec![OutMessage {
+                topic: "t/a".into(),
+                payload: b"hello".to_vec()
+            }]
+        );
+        // "x/y" is not under "t/#".
+        assert_eq!(
+            s.call(&mut mem, HostCall::Publish(3, 3, 6, 5)),
+            Ok(i64::from(err::DENIED))
+        );
+        // A wildcard in a concrete topic is a bad argument.
+        let mut mem = mem_with(0, b"t/#");
+        assert_eq!(
+            s.call(&mut mem, HostCall::Publish(0, 3, 0, 0)),
+            Ok(i64::from(err::BAD_ARGUMENT))
+        );
+        assert_eq!(s.counters.published, 1);
+        assert_eq!(s.counters.refused, 2);
+    }
+
+    #[test]
+    fn publishes_are_rate_limited_and_bounded_per_call() {
+        let mut s = state(HostLimits {
+            publish_rate: Rate {
+                per_sec: 1,
+                burst: 2,
+            },
+            ..HostLimits::default()
+        });
+        let mut mem = mem_with(0, b"t/a");
+        let codes: Vec<_> = (0..3)
+            .map(|_| s.call(&mut mem, HostCall::Publish(0, 3, 0, 0)).unwrap())
+            .collect();
+        assert_eq!(codes, [0, 0, i64::from(err::RATE_LIMITED)]);
+
+        let mut s = state(HostLimits {
+            max_messages_per_call: 1,
+            ..HostLimits::default()
+        });
+        assert_eq!(s.call(&mut mem, HostCall::Publish(0, 3, 0, 0)), Ok(0));
+        assert_eq!(
+            s.call(&mut mem, HostCall::Publish(0, 3, 0, 0)),
+            Ok(i64::from(err::BUSY))
+        );
+        s.begin_call();
+        assert_eq!(s.call(&mut mem, HostCall::Publish(0, 3, 0, 0)), Ok(0));
+    }
+
+    #[test]
+    fn kv_round_trips_and_reports_sizes_without_overrunning_the_buffer() {
+        let mut s = state(HostLimits::default());
+        let mut mem = mem_with(0, b"keyvalue");
+        assert_eq!(s.call(&mut mem, HostCall::KvSet(0, 3, 3, 5)), Ok(0));
+        // Too small a buffer: the length comes back, nothing is written.
+        assert_eq!(s.call(&mut mem, HostCall::KvGet(0, 3, 100, 2)), Ok(5));
+        assert_eq!(&mem[100..102], &[0, 0]);
+        assert_eq!(s.call(&mut mem, HostCall::KvGet(0, 3, 100, 16)), Ok(5));
+        assert_eq!(&mem[100..105], b"value");
+        assert_eq!(s.call(&mut mem, HostCall::KvDelete(0, 3)), Ok(0));
+        assert_eq!(
+            s.call(&mut mem, HostCall::KvGet(0, 3, 100, 16)),
+            Ok(i64::from(err::NOT_FOUND))
+        );
+        assert_eq!(
+            s.call(&mut mem, HostCall::KvDelete(0, 3)),
+            Ok(i64::from(err::NOT_FOUND))
+        );
+        assert_eq!(s.counters.refused, 0, "not found is not a refusal");
+        assert_eq!(
+            s.call(&mut mem, HostCall::KvSet(0, 3, 0, 100)),
+            Ok(i64::from(err::QUOTA_EXCEEDED))
+        );
+        assert_eq!(
+            s.call(&mut mem, HostCall::KvSet(0, 0, 0, 1)),
+            Ok(i64::from(err::BAD_ARGUMENT))
+        );
+    }
+
+    #[test]
+    fn long_log_lines_are_cut_and_unknown_levels_refused() {
+        let mut s = state(HostLimits::default());
+        let mut mem = vec![b'a'; 4096];
+        assert_eq!(s.call(&mut mem, HostCall::Log(level::WARN, 0, 4000)), Ok(0));
+        assert_eq!(s.logs[0].text.len(), limits::LOG_LINE_MAX as usize);
+        assert_eq!(
+            s.call(&mut mem, HostCall::Log(9, 0, 1)),
+            Ok(i64::from(err::BAD_ARGUMENT))
+        );
+        let mut mem = vec![0xff; 8];
+        assert_eq!(s.call(&mut mem, HostCall::Log(level::INFO, 0, 8)), Ok(0));
+        assert!(s.logs[1].text.contains('\u{fffd}'));
+    }
+
+    #[test]
+    fn a_guest_spinning_on_refusals_is_stopped() {
+        let mut s = state(HostLimits {
+            max_refusals_per_call: 3,
+            ..HostLimits::default()
+        });
+        let mut mem = vec![0u8; 16];
+        for _ in 0..3 {
+            assert!(s.call(&mut mem, HostCall::Random(0, 100)).is_ok());
+        }
+        let abort = s.call(&mut mem, HostCall::Random(0, 100)).unwrap_err();
+        assert_eq!(abort.call, "random");
+        assert_eq!(s.refusals.len(), 4);
+    }
+
+    #[test]
+    fn without_a_kv_grant_kv_calls_are_denied() {
+        let mut s = HostState::new(
+            vec![],
+            None,
+            Arc::new(FixedClock(0)),
+            HostLimits::default(),
+            GuestLimiter::new(65536, 10),
+        );
+        let mut mem = vec![b'a'; 16];
+        assert_eq!(
+            s.call(&mut mem, HostCall::KvGet(0, 1, 0, 1)),
+            Ok(i64::from(err::DENIED))
+        );
+        assert_eq!(
+            s.call(&mut mem, HostCall::Publish(0, 1, 0, 1)),
+            Ok(i64::from(err::DENIED))
+        );
+    }
+}
