@@ -46,6 +46,9 @@ build:
 modules:
     modules/build
 
-# runtime benchmarks: cold start, fuel overhead, host calls, memory per module
+# benchmarks: runtime (cold start, fuel overhead, host calls, memory per module) and daemon
+# (deploy latency against an MQTT round trip, agent RSS; needs mosquitto)
 bench: modules
+    cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime
+    cargo bench --locked -p edge-agent --bench daemon

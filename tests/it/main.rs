@@ -2,9 +2,12 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod broker;
 mod bundles;
+mod daemon;
 mod edgectl;
 mod harness;
 mod run_module;
 mod runner;
 mod runtime;
+mod store;

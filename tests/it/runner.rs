@@ -69,6 +69,7 @@ async fn a_failing_module_backs_off_then_is_quarantined_until_an_operator_restar
     let pool = GuestPool::new(2);
     let (tx, mut rx) = mpsc::channel(1024);
     let config = RunnerConfig {
+        id: 0,
         policy: fast_policy(3),
         probation_ticks: None,
     };
@@ -108,6 +109,7 @@ async fn a_new_version_that_traps_in_init_fails_its_probation_without_a_restart(
     let pool = GuestPool::new(2);
     let (tx, mut rx) = mpsc::channel(1024);
     let config = RunnerConfig {
+        id: 0,
         policy: fast_policy(5),
         probation_ticks: Some(2),
     };
@@ -140,6 +142,7 @@ async fn a_healthy_new_version_passes_probation_after_its_first_ticks() {
     m.limits.tick_interval_ms = 5;
     let prepared = rt.prepare(&m, &wasm).unwrap();
     let config = RunnerConfig {
+        id: 0,
         policy: fast_policy(5),
         probation_ticks: Some(2),
     };
@@ -172,6 +175,7 @@ async fn messages_reach_on_message_through_the_runner() {
     let pool = GuestPool::new(2);
     let (tx, mut rx) = mpsc::channel(1024);
     let config = RunnerConfig {
+        id: 0,
         policy: fast_policy(5),
         probation_ticks: None,
     };
@@ -215,6 +219,7 @@ async fn fifty_modules_keep_ticking_while_a_hog_burns_its_budget() {
     let pool = GuestPool::new(2);
     let (tx, mut rx) = mpsc::channel(100_000);
     let config = RunnerConfig {
+        id: 0,
         policy: fast_policy(100),
         probation_ticks: None,
     };

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 
 use super::files::{self, FileError};
+use super::fleet::{self, FleetError};
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES, SignError};
 use crate::core::keys::{self, KeyError, KeyId, TrustSet};
 use crate::core::manifest::{Action, Manifest};
@@ -37,6 +38,20 @@ pub enum Command {
     Sign(SignArgs),
     /// Print a bundle's manifest; with --trust, verify it and exit non-zero unless it is valid.
     Inspect(InspectArgs),
+    /// Publish a signed bundle (retained) to a device's or a group's desired state.
+    Deploy(fleet::DeployArgs),
+    /// Sign a removal of a module and publish it (retained) in place of its bundle.
+    Remove(fleet::RemoveArgs),
+    /// Show a device's status (modules, state, restarts, fuel, memory, last error).
+    Status(fleet::WatchArgs),
+    /// Print a device's deployment events as they happen.
+    Events(fleet::WatchArgs),
+    /// Print module log lines from a device as they arrive.
+    Logs(fleet::WatchArgs),
+    /// Print what modules on a device publish, as it arrives.
+    Telemetry(fleet::WatchArgs),
+    /// Restart a module on a device (also out of quarantine).
+    Restart(fleet::RestartArgs),
 }
 
 /// Arguments of `edgectl sign`.
@@ -110,6 +125,9 @@ pub enum CliError {
         #[source]
         source: VerifyError,
     },
+    /// A fleet command failed (broker, timeout, arguments).
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
     /// Writing to the terminal failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
@@ -117,10 +135,23 @@ pub enum CliError {
 
 /// Runs a parsed command, writing its report to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(CliError::Output)
+    };
     match cli.command {
         Command::Keygen { out: path } => keygen(&path, out),
         Command::Sign(args) => sign(&args, out),
         Command::Inspect(args) => inspect(&args, out),
+        Command::Deploy(args) => rt()?.block_on(fleet::deploy(&args, out)),
+        Command::Remove(args) => rt()?.block_on(fleet::remove(&args, out)),
+        Command::Status(args) => rt()?.block_on(fleet::status(&args, out)),
+        Command::Events(args) => rt()?.block_on(fleet::events(&args, out)),
+        Command::Logs(args) => rt()?.block_on(fleet::logs(&args, out)),
+        Command::Telemetry(args) => rt()?.block_on(fleet::telemetry(&args, out)),
+        Command::Restart(args) => rt()?.block_on(fleet::restart(&args, out)),
     }
 }
 

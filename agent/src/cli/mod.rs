@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod edgectl;
 mod files;
+pub mod fleet;
 pub mod run_module;

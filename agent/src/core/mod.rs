@@ -7,5 +7,8 @@ pub mod bundle;
 pub mod keys;
 pub mod manifest;
 pub mod policy;
+pub mod protocol;
 pub mod rate;
+pub mod reconcile;
+pub mod topics;
 pub mod verify;

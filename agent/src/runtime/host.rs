@@ -114,7 +114,8 @@ impl fmt::Display for Refusal {
 }
 
 /// Per-call bounds and rates the host enforces (from the agent's configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct HostLimits {
     /// Publishes allowed over time.
     pub publish_rate: Rate,

@@ -44,7 +44,6 @@ pub struct RuntimeConfig {
     /// Shortest tick period, in milliseconds.
     pub min_tick_interval_ms: u64,
     /// Rates and per-call bounds on host calls.
-    #[serde(skip)]
     pub host: HostLimits,
 }
 

@@ -125,6 +125,8 @@ pub enum RunState {
 pub enum RunnerEvent {
     /// A guest call is about to run.
     Calling {
+        /// The runner's id (`RunnerConfig::id`).
+        id: u64,
         /// Module name.
         module: String,
         /// Which export.
@@ -132,6 +134,8 @@ pub enum RunnerEvent {
     },
     /// A guest call ended.
     Called {
+        /// The runner's id.
+        id: u64,
         /// Module name.
         module: String,
         /// Which export.
@@ -143,6 +147,8 @@ pub enum RunnerEvent {
     },
     /// The runner changed state.
     State {
+        /// The runner's id.
+        id: u64,
         /// Module name.
         module: String,
         /// The new state.
@@ -227,6 +233,8 @@ impl RunnerHandle {
 /// How a runner behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunnerConfig {
+    /// Echoed in every event, so a caller can tell a runner from the one it replaced.
+    pub id: u64,
     /// Restart backoff and quarantine.
     pub policy: RestartPolicy,
     /// `Some(n)`: the module is on probation until `init` and `n` ticks finish (a module that does
@@ -294,6 +302,7 @@ impl Runner {
         let _ = self
             .events
             .send(RunnerEvent::State {
+                id: self.config.id,
                 module: self.name(),
                 state,
                 restarts: self.restarts,
@@ -461,6 +470,7 @@ impl Runner {
         let _ = self
             .events
             .send(RunnerEvent::Calling {
+                id: self.config.id,
                 module: self.name(),
                 call: kind,
             })
@@ -470,6 +480,7 @@ impl Runner {
             let _ = self
                 .events
                 .send(RunnerEvent::Called {
+                    id: self.config.id,
                     module: self.name(),
                     call: kind,
                     report: report.clone(),

@@ -1,0 +1,535 @@
+//! `edgectl`'s fleet commands: deploy and remove bundles (retained on the desired topics), and
+//! watch a device's status, events, logs and telemetry.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
+
+use super::edgectl::{CliError, read_private_key};
+use super::files;
+use super::run_module::show_payload;
+use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
+use crate::core::manifest::{Action, Manifest, is_valid_module_name};
+use crate::core::protocol::{self, Event, LogRecord, Status};
+use crate::core::topics::Topics;
+use crate::core::verify;
+use crate::mqtt::{self, BrokerUrl, ClientSettings, TlsFiles};
+
+/// How to reach the broker.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// The broker: mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long, env = "EDGECTL_BROKER")]
+    pub broker: String,
+    /// CA certificate (PEM) for mqtts://.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Topic prefix.
+    #[arg(long, default_value = "edge")]
+    pub prefix: String,
+    /// Seconds to wait for the broker.
+    #[arg(long, default_value_t = 10)]
+    pub connect_timeout: u64,
+}
+
+/// Who a bundle is for.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    /// One device.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// A group of devices.
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
+/// `edgectl deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    target: Target,
+    /// The signed bundle.
+    bundle: PathBuf,
+}
+
+/// `edgectl remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    target: Target,
+    /// The signing key (PKCS#8 PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// The module to remove.
+    #[arg(long)]
+    module: String,
+    /// The removal's sequence number (above every seq deployed for the module).
+    #[arg(long)]
+    seq: u64,
+}
+
+/// `edgectl status`, `events`, `logs`, `telemetry`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device.
+    #[arg(long)]
+    device: String,
+    /// Only this module (logs and telemetry).
+    #[arg(long)]
+    module: Option<String>,
+    /// Keep printing as reports arrive (status); without it status prints once.
+    #[arg(long)]
+    watch: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<usize>,
+    /// Stop after this many seconds (status without --watch: how long to wait for a report).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `edgectl restart`.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The device.
+    #[arg(long)]
+    device: String,
+    /// The module (also brings it out of quarantine).
+    #[arg(long)]
+    module: String,
+}
+
+/// Why a fleet command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Broker settings.
+    #[error(transparent)]
+    Setup(#[from] mqtt::MqttSetupError),
+    /// The broker could not be reached or dropped the connection.
+    #[error("broker {broker}: {reason}")]
+    Broker {
+        /// The URL.
+        broker: String,
+        /// Why.
+        reason: String,
+    },
+    /// Nothing arrived in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+struct Session {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    broker: String,
+}
+
+async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
+    let settings = ClientSettings {
+        client_id: format!("edgectl-{}", random_suffix()),
+        url: BrokerUrl::parse(&args.broker).map_err(FleetError::from)?,
+        tls: TlsFiles {
+            ca_file: args.ca.clone(),
+            client_cert: args.tls_cert.clone(),
+            client_key: args.tls_key.clone(),
+        },
+        keep_alive: Duration::from_secs(30),
+        max_packet_bytes: DEFAULT_MAX_BUNDLE_BYTES * 4 + mqtt::PACKET_OVERHEAD,
+        last_will: None,
+        clean_session: true,
+    };
+    let (client, mut eventloop) = mqtt::connect(&settings, 64).map_err(FleetError::from)?;
+    let broker = args.broker.clone();
+    let wait = tokio::time::timeout(Duration::from_secs(args.connect_timeout), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    match wait {
+        Ok(Ok(())) => Ok(Session {
+            client,
+            eventloop,
+            broker,
+        }),
+        Ok(Err(reason)) => Err(FleetError::Broker { broker, reason }.into()),
+        Err(_) => Err(FleetError::Broker {
+            broker,
+            reason: format!("no answer within {} s", args.connect_timeout),
+        }
+        .into()),
+    }
+}
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    hex::encode(b)
+}
+
+impl Session {
+    fn broker_error(&self, e: impl std::fmt::Display) -> CliError {
+        FleetError::Broker {
+            broker: self.broker.clone(),
+            reason: e.to_string(),
+        }
+        .into()
+    }
+
+    /// Publishes and waits until the broker acknowledged it.
+    async fn publish(
+        &mut self,
+        topic: String,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), CliError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .map_err(|e| self.broker_error(e))?;
+        loop {
+            match self.eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(Packet::PubAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => return Err(self.broker_error(e)),
+            }
+        }
+        let _ = self.client.disconnect().await;
+        // Let the disconnect go out.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.eventloop.poll()).await;
+        Ok(())
+    }
+
+    /// Subscribes and hands each message to `each` until it returns false, `count` messages
+    /// arrived, or `timeout` passed (an error only when nothing arrived and `need_one`).
+    async fn watch(
+        &mut self,
+        filter: String,
+        count: Option<usize>,
+        timeout: Option<Duration>,
+        mut each: impl FnMut(&str, &[u8]) -> Result<bool, CliError>,
+    ) -> Result<usize, CliError> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .map_err(|e| self.broker_error(e))?;
+        let mut seen = 0;
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let polled = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, self.eventloop.poll()).await {
+                    Ok(p) => p,
+                    Err(_) => return Ok(seen),
+                },
+                None => self.eventloop.poll().await,
+            };
+            match polled {
+                Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
+                    seen += 1;
+                    if !each(&p.topic, &p.payload)? || count.is_some_and(|c| seen >= c) {
+                        return Ok(seen);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(self.broker_error(e)),
+            }
+        }
+    }
+}
+
+fn desired_topic(prefix: &str, target: &Target, module: &str) -> Result<String, CliError> {
+    match (&target.device, &target.group) {
+        (Some(d), _) => Ok(Topics::new(prefix, d, &[])
+            .map_err(|e| FleetError::Usage(e.to_string()))?
+            .device_desired(module)),
+        (None, Some(g)) => {
+            if !crate::core::manifest::is_valid_id(g) {
+                return Err(FleetError::Usage(format!(
+                    "group {g:?} must match [A-Za-z0-9._:-]{{1,128}}"
+                ))
+                .into());
+            }
+            Ok(Topics::group_desired(prefix, g, module))
+        }
+        (None, None) => Err(FleetError::Usage("give --device or --group".into()).into()),
+    }
+}
+
+fn topics(prefix: &str, device: &str) -> Result<Topics, CliError> {
+    Ok(Topics::new(prefix, device, &[]).map_err(|e| FleetError::Usage(e.to_string()))?)
+}
+
+/// `edgectl deploy`: publishes the bundle, retained, on the device's or group's desired topic.
+pub async fn deploy(args: &DeployArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let bytes = files::read_bounded(&args.bundle, DEFAULT_MAX_BUNDLE_BYTES as u64 * 4)?;
+    let u = verify::read_unverified(&bytes, bytes.len()).map_err(|source| CliError::Invalid {
+        path: args.bundle.clone(),
+        source,
+    })?;
+    let topic = desired_topic(&args.broker.prefix, &args.target, &u.manifest.name)?;
+    let mut session = connect(&args.broker).await?;
+    session.publish(topic.clone(), true, bytes).await?;
+    writeln!(
+        out,
+        "deployed {} {} {} seq {} to {topic}",
+        u.manifest.action, u.manifest.name, u.manifest.version, u.manifest.seq
+    )?;
+    Ok(())
+}
+
+/// `edgectl remove`: signs a removal and publishes it, retained, in place of the module's bundle.
+pub async fn remove(args: &RemoveArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if !is_valid_module_name(&args.module) {
+        return Err(FleetError::Usage(format!("{:?} is not a module name", args.module)).into());
+    }
+    let key = read_private_key(&args.key)?;
+    let manifest = Manifest {
+        name: args.module.clone(),
+        version: String::new(),
+        seq: args.seq,
+        action: Action::Remove,
+        wasm: None,
+        limits: Default::default(),
+        caps: Default::default(),
+        expires_at: None,
+        targets: None,
+    };
+    let bundle = bundle::sign(manifest, None, &key, DEFAULT_MAX_BUNDLE_BYTES)?;
+    let topic = desired_topic(&args.broker.prefix, &args.target, &args.module)?;
+    let mut session = connect(&args.broker).await?;
+    session.publish(topic.clone(), true, bundle).await?;
+    writeln!(
+        out,
+        "removal of {} seq {} published to {topic}",
+        args.module, args.seq
+    )?;
+    Ok(())
+}
+
+/// `edgectl restart`: asks the device to restart a module (also out of quarantine).
+pub async fn restart(args: &RestartArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if !is_valid_module_name(&args.module) {
+        return Err(FleetError::Usage(format!("{:?} is not a module name", args.module)).into());
+    }
+    let topic = topics(&args.broker.prefix, &args.device)?.restart(&args.module);
+    let mut session = connect(&args.broker).await?;
+    session.publish(topic, false, Vec::new()).await?;
+    writeln!(out, "restart of {} sent to {}", args.module, args.device)?;
+    Ok(())
+}
+
+/// `edgectl status`: the device's retained status as a table.
+pub async fn status(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let topic = topics(&args.broker.prefix, &args.device)?.status();
+    let mut session = connect(&args.broker).await?;
+    let timeout = match (args.watch, args.timeout) {
+        (_, Some(t)) => Some(Duration::from_secs(t)),
+        (false, None) => Some(Duration::from_secs(5)),
+        (true, None) => None,
+    };
+    let count = if args.watch { args.count } else { Some(1) };
+    let seen = session
+        .watch(topic, count, timeout, |_, payload| {
+            let status: Status = protocol::from_cbor(payload).map_err(|e| {
+                FleetError::Usage(format!("malformed status from {}: {e}", args.device))
+            })?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&status).unwrap_or_default()
+                )?;
+            } else {
+                print_status(out, &status)?;
+            }
+            Ok(true)
+        })
+        .await?;
+    if seen == 0 && !args.watch {
+        return Err(FleetError::Timeout(format!(
+            "no status from device {:?} (it has never connected to this broker, or the prefix differs)",
+            args.device
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Prints a status report as a table.
+pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
+    let age = crate::cli::edgectl::unix_now()
+        .saturating_mul(1000)
+        .saturating_sub(s.ts_ms);
+    writeln!(
+        out,
+        "device {}  {}  agent {}  up {} s  report {:.1} s old{}",
+        s.device,
+        if s.online { "online" } else { "OFFLINE" },
+        s.agent_version,
+        s.uptime_s,
+        age as f64 / 1000.0,
+        if s.dropped_messages > 0 {
+            format!("  {} messages dropped", s.dropped_messages)
+        } else {
+            String::new()
+        }
+    )?;
+    writeln!(
+        out,
+        "{:<20} {:<10} {:>5} {:<12} {:>8} {:>9} {:>10} {:>14} {:>9} {:>8}  DETAIL / LAST ERROR",
+        "MODULE",
+        "VERSION",
+        "SEQ",
+        "STATE",
+        "RESTARTS",
+        "CALLS",
+        "FUEL LAST",
+        "FUEL TOTAL",
+        "MEMORY",
+        "KV"
+    )?;
+    for m in &s.modules {
+        let state = serde_json::to_value(m.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let note = [m.detail.as_deref(), m.last_error.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; ");
+        writeln!(
+            out,
+            "{:<20} {:<10} {:>5} {:<12} {:>8} {:>9} {:>10} {:>14} {:>9} {:>8}  {}",
+            m.name,
+            m.version,
+            m.seq,
+            state,
+            m.restarts,
+            m.calls,
+            m.fuel_last,
+            m.fuel_total,
+            m.memory_bytes,
+            m.kv_bytes,
+            note
+        )?;
+    }
+    if s.modules.is_empty() {
+        writeln!(out, "(no modules installed)")?;
+    }
+    out.flush()
+}
+
+/// `edgectl events`: deployment events as they happen.
+pub async fn events(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let topic = topics(&args.broker.prefix, &args.device)?.events();
+    let mut session = connect(&args.broker).await?;
+    session
+        .watch(
+            topic,
+            args.count,
+            args.timeout.map(Duration::from_secs),
+            |_, payload| {
+                let e: Event = protocol::from_cbor(payload)
+                    .map_err(|e| FleetError::Usage(format!("malformed event: {e}")))?;
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default())?;
+                } else {
+                    writeln!(out, "{} {}", e.ts_ms, format_event(&e))?;
+                }
+                out.flush()?;
+                Ok(true)
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// An event on one line: kind, module, version, seq and reason.
+pub fn format_event(e: &Event) -> String {
+    format!(
+        "{:<12} {}{}{}{}",
+        e.kind.as_str(),
+        e.module,
+        e.version
+            .as_ref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default(),
+        e.seq.map(|s| format!(" seq {s}")).unwrap_or_default(),
+        e.reason
+            .as_ref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    )
+}
+
+/// `edgectl logs`: module log lines as they arrive.
+pub async fn logs(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let t = topics(&args.broker.prefix, &args.device)?;
+    let filter = t.logs(args.module.as_deref().unwrap_or("+"));
+    let mut session = connect(&args.broker).await?;
+    session
+        .watch(filter, args.count, args.timeout.map(Duration::from_secs), |topic, payload| {
+            let module = topic.rsplit('/').next().unwrap_or("?");
+            let r: LogRecord = protocol::from_cbor(payload)
+                .map_err(|e| FleetError::Usage(format!("malformed log record: {e}")))?;
+            if args.json {
+                let line = serde_json::json!({"module": module, "ts_ms": r.ts_ms, "level": r.level, "text": r.text});
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{} {:<16} {:<5} {}", r.ts_ms, module, r.level, r.text)?;
+            }
+            out.flush()?;
+            Ok(true)
+        })
+        .await?;
+    Ok(())
+}
+
+/// `edgectl telemetry`: what modules publish, as it arrives.
+pub async fn telemetry(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let t = topics(&args.broker.prefix, &args.device)?;
+    let filter = t.telemetry(args.module.as_deref().unwrap_or("+"), "#");
+    let mut session = connect(&args.broker).await?;
+    session
+        .watch(filter, args.count, args.timeout.map(Duration::from_secs), |topic, payload| {
+            if args.json {
+                let line = serde_json::json!({"topic": topic, "payload": String::from_utf8_lossy(payload)});
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "{topic} {}", show_payload(payload))?;
+            }
+            out.flush()?;
+            Ok(true)
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! The agent's configuration: a TOML file plus `config.d/*.toml` overrides beside it (applied in
+//! name order, tables merged key by key), validated once at start-up and passed explicitly.
+//! Relative paths in the file are relative to the file's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::bundle::DEFAULT_MAX_BUNDLE_BYTES;
+use crate::core::policy::RestartPolicy;
+use crate::core::topics::Topics;
+use crate::mqtt::{BrokerUrl, TlsFiles};
+use crate::runtime::RuntimeConfig;
+
+/// The environment variable naming the configuration file when `--config` is not given.
+pub const CONFIG_ENV: &str = "EDGE_AGENT_CONFIG";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This device's id: its MQTT client id and topic level.
+    pub device_id: String,
+    /// Groups the device belongs to; earlier groups outrank later ones.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Where the store lives.
+    pub state_dir: PathBuf,
+    /// Public keys (SPKI PEM files) whose bundles the device accepts.
+    pub trusted_keys: Vec<PathBuf>,
+    /// The broker.
+    pub mqtt: MqttConfig,
+    /// Agent behaviour.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// The store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Maxima that clamp every module's limits, and host-call bounds.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Restart backoff and quarantine.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// The broker connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    /// First topic level(s) of every topic.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Keep-alive, seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// First reconnect delay, milliseconds (doubles, with jitter, up to the maximum).
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// CA certificate(s) for `mqtts://` (PEM); without it, the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM): the device's identity.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+impl MqttConfig {
+    /// The TLS files.
+    pub fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "edge".into()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_reconnect_min() -> u64 {
+    500
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+
+/// Agent behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Largest bundle accepted (the MQTT packet limit follows it).
+    pub max_bundle_bytes: usize,
+    /// A new version is on probation until `init` and this many ticks finished.
+    pub probation_ticks: u32,
+    /// Seconds between periodic status reports (also sent on every change).
+    pub status_interval_s: u64,
+    /// Guest calls running at once; 0 = one per CPU.
+    pub max_concurrent_calls: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
+            probation_ticks: 3,
+            status_interval_s: 30,
+            max_concurrent_calls: 0,
+        }
+    }
+}
+
+/// The store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sled's page cache, bytes.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_capacity_bytes: 2 << 20,
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file (or the merged result).
+        path: PathBuf,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The main file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads `path`, applies `config.d/*.toml` beside it, resolves relative paths and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let parse = |p: &Path, text: &str| {
+            text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                path: p.to_path_buf(),
+                reason: e.to_string(),
+            })
+        };
+        let mut table = parse(path, &read(path)?)?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let dropins = base.join("config.d");
+        if dropins.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dropins)
+                .map_err(|source| ConfigError::Read {
+                    path: dropins.clone(),
+                    source,
+                })?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            for file in files {
+                merge(&mut table, parse(&file, &read(&file)?)?);
+            }
+        }
+        let mut config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+        config.resolve_paths(&base);
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses one TOML text (no drop-ins), resolving relative paths against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: base.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        config.resolve_paths(base);
+        config.validate().map_err(|reason| ConfigError::Invalid {
+            path: base.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.state_dir);
+        self.trusted_keys.iter_mut().for_each(fix);
+        for p in [
+            &mut self.mqtt.ca_file,
+            &mut self.mqtt.client_cert,
+            &mut self.mqtt.client_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.topics().map_err(|e| e.to_string())?;
+        BrokerUrl::parse(&self.mqtt.url).map_err(|e| e.to_string())?;
+        if self.trusted_keys.is_empty() {
+            return Err("trusted_keys is empty: the agent would refuse every bundle".into());
+        }
+        if self.mqtt.reconnect_min_ms == 0
+            || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
+        {
+            return Err("mqtt: need 0 < reconnect_min_ms <= reconnect_max_ms".into());
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            return Err("mqtt.keep_alive_s must be at least 5".into());
+        }
+        if self.agent.max_bundle_bytes < 1024 {
+            return Err("agent.max_bundle_bytes must be at least 1024".into());
+        }
+        if self.agent.status_interval_s == 0 {
+            return Err("agent.status_interval_s must be at least 1".into());
+        }
+        let r = &self.runtime;
+        if r.max_fuel_per_call == 0 || r.max_memory_bytes < 65536 {
+            return Err(
+                "runtime: max_fuel_per_call must be > 0 and max_memory_bytes >= 65536".into(),
+            );
+        }
+        if self.restart.quarantine_after == 0 || self.restart.backoff_initial_ms == 0 {
+            return Err("restart: quarantine_after and backoff_initial_ms must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// The device's topics.
+    pub fn topics(&self) -> Result<Topics, crate::core::topics::TopicError> {
+        Topics::new(&self.mqtt.topic_prefix, &self.device_id, &self.groups)
+    }
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+device_id = "pi-1"
+state_dir = "state"
+trusted_keys = ["ops.pub"]
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+"#;
+
+    #[test]
+    fn a_minimal_config_gets_defaults_and_absolute_paths() {
+        let c = Config::from_toml(MINIMAL, Path::new("/etc/edge-agent")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/etc/edge-agent/state"));
+        assert_eq!(c.trusted_keys[0], Path::new("/etc/edge-agent/ops.pub"));
+        assert_eq!(c.mqtt.topic_prefix, "edge");
+        assert_eq!(c.agent, AgentConfig::default());
+    }
+
+    #[test]
+    fn drop_ins_override_key_by_key_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("agent.toml");
+        std::fs::write(&main, MINIMAL).unwrap();
+        std::fs::create_dir(dir.path().join("config.d")).unwrap();
+        std::fs::write(
+            dir.path().join("config.d/10-a.toml"),
+            "groups = [\"a\"]\n[mqtt]\nkeep_alive_s = 60\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("config.d/20-b.toml"), "groups = [\"b\"]\n").unwrap();
+        std::fs::write(dir.path().join("config.d/ignored.txt"), "garbage").unwrap();
+        let c = Config::load(&main).unwrap();
+        assert_eq!(c.groups, ["b"]);
+        assert_eq!(c.mqtt.keep_alive_s, 60);
+        assert_eq!(c.mqtt.url, "mqtt://127.0.0.1:1883", "untouched keys stay");
+    }
+
+    #[test]
+    fn every_sample_in_configs_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|x| x == "toml") {
+                let c = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert!(c.state_dir.is_absolute(), "{}", path.display());
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 2, "dev.toml and pi.toml at least");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let base = Path::new("/x");
+        let bad = |text: &str| Config::from_toml(text, base).unwrap_err().to_string();
+        assert!(bad(&format!("{MINIMAL}\ntypo = 1\n")).contains("typo"));
+        assert!(bad(&MINIMAL.replace("pi-1", "group")).contains("device id"));
+        assert!(bad(&MINIMAL.replace("[\"ops.pub\"]", "[]")).contains("trusted_keys"));
+        assert!(bad(&MINIMAL.replace("mqtt://", "http://")).contains("mqtt://"));
+        assert!(
+            bad(&format!("{MINIMAL}[agent]\nstatus_interval_s = 0\n"))
+                .contains("status_interval_s")
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! Payloads the agent publishes (CBOR maps with text keys; docs/protocol.md): the retained device
+//! status, deployment events, module logs, and the operator's restart command.
+
+use serde::{Deserialize, Serialize};
+
+/// What a module is doing, as the status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModuleState {
+    /// Running (or between restarts after a failure).
+    Running,
+    /// Installed but not running (the agent is stopping, say).
+    Stopped,
+    /// Stopped after too many failures; runs again for a new version or an operator's restart.
+    Quarantined,
+    /// Installed but failed and could not be restored (a first version that failed probation).
+    Failed,
+}
+
+/// One module in the status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleStatus {
+    /// Name.
+    pub name: String,
+    /// Human version.
+    pub version: String,
+    /// Sequence number of the running version.
+    pub seq: u64,
+    /// State.
+    pub state: ModuleState,
+    /// More about the state: "on probation", "restarting in 2000 ms", ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Restarts since the agent started.
+    pub restarts: u32,
+    /// Guest calls made by the current instance.
+    pub calls: u64,
+    /// Fuel the last call burned.
+    pub fuel_last: u64,
+    /// Fuel burned by the current instance.
+    pub fuel_total: u64,
+    /// Linear memory in use, bytes.
+    pub memory_bytes: u64,
+    /// Key-value bytes in use.
+    pub kv_bytes: u64,
+    /// Messages published by the current instance.
+    pub published: u64,
+    /// Host calls refused for the current instance.
+    pub refused: u64,
+    /// The last failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// The retained device status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The device id.
+    pub device: String,
+    /// False in the last will and at a clean shutdown.
+    pub online: bool,
+    /// The agent's version.
+    pub agent_version: String,
+    /// Seconds since the agent started.
+    pub uptime_s: u64,
+    /// When this report was made, unix milliseconds.
+    pub ts_ms: u64,
+    /// Installed modules, by name.
+    pub modules: Vec<ModuleStatus>,
+    /// Telemetry and log messages dropped because the broker was unreachable or slow.
+    #[serde(default)]
+    pub dropped_messages: u64,
+}
+
+/// What a deployment event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A new version passed its probation and runs.
+    Installed,
+    /// A bundle was refused; nothing changed.
+    Rejected,
+    /// A module was removed by a signed removal.
+    Removed,
+    /// A new version failed its probation; the previous version runs again.
+    RolledBack,
+    /// A new version failed its probation and there was no previous version to restore.
+    Failed,
+    /// A module failed too often and was stopped.
+    Quarantined,
+    /// An operator restarted a module.
+    Restarted,
+}
+
+impl EventKind {
+    /// The name on the wire and on terminals.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Installed => "installed",
+            EventKind::Rejected => "rejected",
+            EventKind::Removed => "removed",
+            EventKind::RolledBack => "rolled_back",
+            EventKind::Failed => "failed",
+            EventKind::Quarantined => "quarantined",
+            EventKind::Restarted => "restarted",
+        }
+    }
+}
+
+/// A deployment event on `<p>/<device>/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    /// What happened.
+    pub kind: EventKind,
+    /// The module (as named by the bundle; "unverified" names are marked in `reason`).
+    pub module: String,
+    /// The version concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Its sequence number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// Why (rejections, rollbacks, failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A module's log line on `<p>/<device>/logs/<module>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    /// Severity.
+    pub level: crate::runtime::host::LogLevel,
+    /// The line.
+    pub text: String,
+}
+
+/// Encodes a payload as CBOR.
+pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Serializing plain structs into a Vec cannot fail.
+    ciborium::into_writer(value, &mut out).unwrap_or_else(|e| unreachable!("{e}"));
+    out
+}
+
+/// Decodes a CBOR payload (for `edgectl` and tests).
+pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    ciborium::from_reader(bytes).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_through_cbor() {
+        let status = Status {
+            device: "pi".into(),
+            online: true,
+            agent_version: "0.1.0".into(),
+            uptime_s: 3,
+            ts_ms: 4,
+            modules: vec![ModuleStatus {
+                name: "m".into(),
+                version: "1".into(),
+                seq: 2,
+                state: ModuleState::Quarantined,
+                detail: None,
+                restarts: 1,
+                calls: 5,
+                fuel_last: 6,
+                fuel_total: 7,
+                memory_bytes: 8,
+                kv_bytes: 9,
+                published: 10,
+                refused: 11,
+                last_error: Some("tick: trapped".into()),
+            }],
+            dropped_messages: 0,
+        };
+        assert_eq!(from_cbor::<Status>(&to_cbor(&status)).unwrap(), status);
+        let event = Event {
+            ts_ms: 1,
+            kind: EventKind::RolledBack,
+            module: "m".into(),
+            version: Some("2".into()),
+            seq: Some(2),
+            reason: Some("init: trapped".into()),
+        };
+        assert_eq!(from_cbor::<Event>(&to_cbor(&event)).unwrap(), event);
+    }
+}
