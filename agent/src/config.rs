@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::core::bundle::DEFAULT_MAX_BUNDLE_BYTES;
 use crate::core::policy::RestartPolicy;
 use crate::core::topics::Topics;
+use crate::hal::HardwareConfig;
 use crate::mqtt::{BrokerUrl, TlsFiles};
 use crate::runtime::RuntimeConfig;
 
@@ -42,6 +43,9 @@ pub struct Config {
     /// Restart backoff and quarantine.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// GPIO lines, I2C buses and SPI devices this device offers to modules.
+    #[serde(default)]
+    pub hardware: HardwareConfig,
 }
 
 /// The broker connection.
@@ -237,6 +241,21 @@ impl Config {
         };
         fix(&mut self.state_dir);
         self.trusted_keys.iter_mut().for_each(fix);
+        for g in &mut self.hardware.gpio {
+            if let Some(chip) = &mut g.chip {
+                fix(chip);
+            }
+        }
+        for p in self
+            .hardware
+            .i2c
+            .iter_mut()
+            .map(|b| &mut b.path)
+            .chain(self.hardware.spi.iter_mut().map(|s| &mut s.path))
+            .flatten()
+        {
+            fix(p);
+        }
         for p in [
             &mut self.mqtt.ca_file,
             &mut self.mqtt.client_cert,
@@ -275,6 +294,7 @@ impl Config {
                 "runtime: max_fuel_per_call must be > 0 and max_memory_bytes >= 65536".into(),
             );
         }
+        self.hardware.validate()?;
         if self.restart.quarantine_after == 0 || self.restart.backoff_initial_ms == 0 {
             return Err("restart: quarantine_after and backoff_initial_ms must be > 0".into());
         }

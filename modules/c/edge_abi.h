@@ -22,7 +22,8 @@
  *
  * Non-zero from init, tick or on_message is a failure the host reports. The host refuses at
  * install a module that imports anything not declared here, imports edge_publish without a
- * caps.publish grant, or edge_kv_* without caps.kv_quota_bytes. A pointer and length the host
+ * caps.publish grant, edge_kv_* without caps.kv_quota_bytes, edge_gpio_* without caps.gpio,
+ * edge_i2c_* without caps.i2c, or edge_spi_* without caps.spi. A pointer and length the host
  * cannot use make a call fail with EDGE_ERR_BAD_POINTER; it never reaches outside the memory.
  */
 #ifndef EDGE_ABI_H
@@ -43,7 +44,9 @@
 #define EDGE_ERR_NOT_FOUND (-6)      /* no such key */
 #define EDGE_ERR_BAD_ARGUMENT (-7)   /* unknown log level, malformed or non-UTF-8 topic, ... */
 #define EDGE_ERR_BUSY (-8)           /* the module's outgoing queue is full for this call */
-#define EDGE_ERR_UNAVAILABLE (-9)    /* the host could not do it (storage, random source) */
+#define EDGE_ERR_UNAVAILABLE (-9)    /* the host could not do it (storage, random source, or
+                                        hardware this device does not have) */
+#define EDGE_ERR_IO (-10)            /* the device did not answer or the bus failed (I2C NACK) */
 
 /* Log levels for edge_log. */
 #define EDGE_LEVEL_ERROR 1
@@ -58,6 +61,10 @@
 #define EDGE_KV_KEY_MAX 128
 #define EDGE_KV_VALUE_MAX 16384
 #define EDGE_RANDOM_MAX 1024    /* most bytes one edge_random call fills */
+#define EDGE_I2C_MAX 4096       /* most bytes one I2C call moves (each side of a write-read) */
+#define EDGE_SPI_MAX 4096       /* most bytes one edge_spi_transfer moves */
+#define EDGE_DELAY_MAX_US 100000           /* longest single edge_delay_us */
+#define EDGE_DELAY_PER_CALL_MAX_US 1000000 /* most delay in one init/tick/on_message call */
 
 /* Declares a host import: module "edge", the given name. */
 #define EDGE_IMPORT(name) __attribute__((import_module("edge"), import_name(#name)))
@@ -78,6 +85,11 @@ EDGE_IMPORT(now_ms) int64_t edge_now_ms(void);
 /* Fills len bytes at ptr (at most EDGE_RANDOM_MAX) with random bytes. Always granted. */
 EDGE_IMPORT(random) int32_t edge_random(void *ptr, int32_t len);
 
+/* Blocks the module at least us microseconds (at most EDGE_DELAY_MAX_US per call and
+ * EDGE_DELAY_PER_CALL_MAX_US per entry-point call) without burning fuel: what drivers wait while
+ * a device converts. Always granted. */
+EDGE_IMPORT(delay_us) int32_t edge_delay_us(int32_t us);
+
 /* Publishes a payload to a topic relative to the module's namespace, which must match one of
  * the manifest's caps.publish filters. Needs caps.publish. */
 EDGE_IMPORT(publish) int32_t edge_publish(const char *topic, int32_t topic_len,
@@ -94,5 +106,37 @@ EDGE_IMPORT(kv_set) int32_t edge_kv_set(const char *key, int32_t key_len,
 
 /* Deletes a key. Needs caps.kv_quota_bytes. */
 EDGE_IMPORT(kv_delete) int32_t edge_kv_delete(const char *key, int32_t key_len);
+
+/* Hardware. Each call fails with EDGE_ERR_DENIED for a line, bus + address or SPI device the
+ * manifest does not grant, EDGE_ERR_UNAVAILABLE for hardware this device does not have,
+ * EDGE_ERR_IO when the device did not answer or the bus failed, and EDGE_ERR_TOO_LARGE above
+ * EDGE_I2C_MAX / EDGE_SPI_MAX bytes. I2C addresses are 7-bit (0x00 to 0x7f). */
+
+/* Drives GPIO output line low (value 0) or high (non-zero). Needs the line in caps.gpio. */
+EDGE_IMPORT(gpio_set) int32_t edge_gpio_set(int32_t line, int32_t value);
+
+/* Reads GPIO line: 0 low, 1 high, or a negative code. Needs the line in caps.gpio. */
+EDGE_IMPORT(gpio_get) int32_t edge_gpio_get(int32_t line);
+
+/* Writes len bytes to the I2C device at addr on bus (start, address, bytes, stop). Needs the bus
+ * and address in caps.i2c. */
+EDGE_IMPORT(i2c_write) int32_t edge_i2c_write(int32_t bus, int32_t addr,
+                                              const void *ptr, int32_t len);
+
+/* Reads len bytes from the I2C device at addr on bus. Needs the bus and address in caps.i2c. */
+EDGE_IMPORT(i2c_read) int32_t edge_i2c_read(int32_t bus, int32_t addr, void *ptr, int32_t len);
+
+/* Writes write_len bytes, then reads read_len bytes after a repeated start (no stop in between):
+ * a register read. Needs the bus and address in caps.i2c. */
+EDGE_IMPORT(i2c_write_read) int32_t edge_i2c_write_read(int32_t bus, int32_t addr,
+                                                        const void *write_ptr, int32_t write_len,
+                                                        void *read_ptr, int32_t read_len);
+
+/* A full-duplex transfer of len bytes with the SPI device at chip select cs on bus, which is
+ * selected for the call: writes the bytes at write_ptr while reading as many into read_ptr
+ * (which may equal write_ptr). Needs the device in caps.spi. */
+EDGE_IMPORT(spi_transfer) int32_t edge_spi_transfer(int32_t bus, int32_t cs,
+                                                    const void *write_ptr, void *read_ptr,
+                                                    int32_t len);
 
 #endif /* EDGE_ABI_H */

@@ -6,6 +6,7 @@ mod broker;
 mod bundles;
 mod daemon;
 mod edgectl;
+mod hardware;
 mod harness;
 mod run_module;
 mod runner;

@@ -87,3 +87,59 @@ fn the_c_example_runs_too() {
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
     assert!(stdout.contains("publish  c-counter/count"), "{stdout}");
 }
+
+#[test]
+fn bme280_telemetry_prints_plausible_readings_from_the_simulated_board() {
+    let out = run_module("bme280-telemetry", &["--ticks", "2"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("publish  bme280/reading"))
+        .unwrap_or_else(|| panic!("no reading: {stdout}"));
+    let json = line.split_once("bme280/reading ").unwrap().1;
+    let json: String = serde_json::from_str(json).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let t = v["temperature_c"].as_f64().unwrap();
+    let p = v["pressure_pa"].as_f64().unwrap();
+    let h = v["humidity_pct"].as_f64().unwrap();
+    assert!((18.0..24.0).contains(&t), "{t}");
+    assert!((100_000.0..102_500.0).contains(&p), "{p}");
+    assert!((35.0..55.0).contains(&h), "{h}");
+}
+
+#[test]
+fn bme280_telemetry_without_its_i2c_grant_is_refused_at_install() {
+    let dir = crate::harness::tempdir();
+    let manifest = std::fs::read_to_string(guest_file("bme280-telemetry.toml")).unwrap();
+    let stripped: String = manifest
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("i2c"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(stripped, manifest, "the manifest had an i2c grant");
+    let path = dir.path().join("no-i2c.toml");
+    std::fs::write(&path, stripped).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("run-module")
+        .arg(guest_file("bme280-telemetry.wasm"))
+        .arg("--manifest")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stderr.contains("refused import edge.i2c_"), "{stderr}");
+    assert!(stderr.contains("caps.i2c"), "{stderr}");
+}
+
+#[test]
+fn blinky_toggles_the_simulated_led() {
+    let out = run_module("blinky", &["--ticks", "3"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("gpio 17 high (changed 3 times)"),
+        "{stdout}"
+    );
+}

@@ -9,6 +9,7 @@ use std::io::{IsTerminal as _, Write as _};
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -22,6 +23,8 @@ use edge_agent::core::manifest::Manifest;
 use edge_agent::core::protocol::{self, Event, Status};
 use edge_agent::core::topics::Topics;
 use edge_agent::daemon;
+use edge_agent::hal::{Board, HardwareConfig};
+use edge_agent::runtime::host::{Clock as _, SystemClock};
 use edge_agent::store::Store;
 use rumqttc::{AsyncClient, MqttOptions, Packet, QoS};
 use tokio::time::Instant;
@@ -159,7 +162,7 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
     Ok(vec![
         Step {
             at: secs(1),
-            say: "deploy heartbeat 1.0.0, kv-counter 1.0.0 and echo 1.0.0 (signed, retained on the desired topics)",
+            say: "deploy heartbeat, kv-counter, echo, bme280-telemetry (I2C bus 1, 0x76) and blinky (GPIO 17), signed, retained",
             publish: vec![
                 (
                     desired("heartbeat"),
@@ -174,6 +177,16 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
                 (
                     desired("echo"),
                     s.bundle("echo", "echo", "1.0.0", 1, 0)?,
+                    true,
+                ),
+                (
+                    desired("bme280-telemetry"),
+                    s.bundle("bme280-telemetry", "bme280-telemetry", "1.0.0", 1, 1000)?,
+                    true,
+                ),
+                (
+                    desired("blinky"),
+                    s.bundle("blinky", "blinky", "1.0.0", 1, 500)?,
                     true,
                 ),
             ],
@@ -218,12 +231,13 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
     ])
 }
 
-#[derive(Default)]
 struct View {
     status: Option<Status>,
     telemetry: VecDeque<String>,
     events: VecDeque<String>,
     story: Vec<String>,
+    board: Arc<Board>,
+    sensor: Option<String>,
 }
 
 impl View {
@@ -254,6 +268,15 @@ impl View {
         match &self.status {
             Some(s) => print_status(&mut out, s)?,
             None => writeln!(out, "(waiting for the agent's status)")?,
+        }
+        if let Some(led) = self.board.sim_line(17) {
+            writeln!(
+                out,
+                "\nsimulated board: LED 17 {} (toggled {} times)   BME280 at 0x76: {}",
+                if led.level() { "ON " } else { "off" },
+                led.toggles(),
+                self.sensor.as_deref().unwrap_or("(no reading yet)")
+            )?;
         }
         writeln!(out, "\nevents:")?;
         for e in &self.events {
@@ -310,14 +333,23 @@ probation_ticks = 2
         dir.path().join("agent.log").display()
     );
 
+    // The simulated board the modules reach; kept here too, to show the LED.
+    let board = Arc::new(Board::open(
+        &HardwareConfig::simulated(),
+        Arc::new(|| SystemClock.now_ms()),
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let agent_board = Arc::clone(&board);
         let agent = tokio::spawn(async move {
             let mut silent = daemon::Silent;
-            daemon::run(config, store, async { let _ = stop_rx.await; }, &mut silent).await
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            daemon::run(config, store, agent_board, stop, &mut silent).await
         });
 
         let mut options = MqttOptions::new("edge-demo-operator", "127.0.0.1", port);
@@ -328,7 +360,14 @@ probation_ticks = 2
         let total = Duration::from_secs(args.seconds);
         let start = Instant::now();
         let tty = std::io::stdout().is_terminal();
-        let mut view = View::default();
+        let mut view = View {
+            status: None,
+            telemetry: VecDeque::new(),
+            events: VecDeque::new(),
+            story: Vec::new(),
+            board: Arc::clone(&board),
+            sensor: None,
+        };
         let mut steps = steps.into_iter().peekable();
         let mut frame = tokio::time::interval(if tty { Duration::from_secs(1) } else { Duration::from_secs(5) });
         let ctrl_c = tokio::signal::ctrl_c();
@@ -356,6 +395,9 @@ probation_ticks = 2
                                 View::push(&mut view.events, format!("{:>3} s  {}", start.elapsed().as_secs(), format_event(&e)), 8);
                             }
                         } else if let Some(t) = rest.strip_prefix("telemetry/") {
+                            if t.starts_with("bme280-telemetry/") {
+                                view.sensor = Some(String::from_utf8_lossy(&p.payload).into_owned());
+                            }
                             View::push(&mut view.telemetry, format!("{t} {}", show_payload(&p.payload)), 6);
                         }
                     }

@@ -1,12 +1,14 @@
-//! Drive the host functions of ABI v1 with arbitrary pointers, lengths and memory contents: every
-//! call must return a code (or end the guest call after too many refusals), never panic, never
-//! touch memory outside the guest's, never queue more than the per-call bounds.
+//! Drive the host functions of ABI v1 with arbitrary pointers, lengths and memory contents, the
+//! hardware ones against the simulated board: every call must return a code (or end the guest
+//! call after too many refusals), never panic, never touch memory outside the guest's.
 
 #![no_main]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use edge_agent::runtime::host::{Clock, HostCall, HostLimits, HostState};
+use edge_agent::core::manifest::Manifest;
+use edge_agent::hal::{Board, HardwareConfig};
+use edge_agent::runtime::host::{Clock, Hardware, HostCall, HostLimits, HostState};
 use edge_agent::runtime::kv::MemoryKv;
 use edge_agent::runtime::limiter::GuestLimiter;
 use libfuzzer_sys::fuzz_target;
@@ -34,6 +36,18 @@ fn word(b: &[u8], i: usize) -> i32 {
     }
 }
 
+/// The simulated board, and grants of one LED line, the button, the BME280 and the SPI loopback
+/// (other lines, addresses and devices are not granted).
+fn hardware() -> Hardware {
+    static BOARD: OnceLock<Arc<Board>> = OnceLock::new();
+    let board = BOARD.get_or_init(|| Arc::new(Board::open(&HardwareConfig::simulated(), Arc::new(|| 1_000))));
+    let manifest = Manifest::from_toml(
+        "name = 'f'\nversion = '1'\nseq = 1\n[caps]\ngpio = [17, 27]\ni2c = [{ bus = 1, addresses = [0x76] }]\nspi = [{ bus = 0, cs = 0 }]\n",
+    )
+    .expect("a valid manifest");
+    Hardware::new(Arc::clone(board), &manifest.caps)
+}
+
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {
         return;
@@ -52,17 +66,24 @@ fuzz_target!(|data: &[u8]| {
         Arc::new(Ticking(Default::default())),
         limits,
         GuestLimiter::new(1 << 20, 16),
-    );
-    for chunk in script.chunks(17) {
+    )
+    .with_hardware(hardware());
+    for chunk in script.chunks(25) {
         let w = |i: usize| word(chunk, 1 + 4 * i);
-        let call = match chunk[0] % 7 {
+        let call = match chunk[0] % 13 {
             0 => HostCall::Log(w(0) & 7, w(1), w(2)),
             1 => HostCall::NowMs,
             2 => HostCall::Random(w(0), w(1)),
             3 => HostCall::Publish(w(0), w(1), w(2), w(3)),
             4 => HostCall::KvGet(w(0), w(1), w(2), w(3)),
             5 => HostCall::KvSet(w(0), w(1), w(2), w(3)),
-            _ => HostCall::KvDelete(w(0), w(1)),
+            6 => HostCall::KvDelete(w(0), w(1)),
+            7 => HostCall::GpioSet(w(0) & 31, w(1)),
+            8 => HostCall::GpioGet(w(0) & 31),
+            9 => HostCall::I2cWrite(w(0) & 3, 0x70 + (w(1) & 15), w(2), w(3)),
+            10 => HostCall::I2cRead(w(0) & 3, 0x70 + (w(1) & 15), w(2), w(3)),
+            11 => HostCall::I2cWriteRead(w(0) & 3, 0x76, w(1), w(2), w(3), w(4)),
+            _ => HostCall::SpiTransfer(w(0) & 1, w(1) & 1, w(2), w(3), w(4)),
         };
         match state.call(&mut mem, call) {
             Ok(_) => {}

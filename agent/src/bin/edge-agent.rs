@@ -1,6 +1,7 @@
 //! `edge-agent`: the daemon, and `run-module` for module authors. See `edge_agent::cli::agent`.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
@@ -8,21 +9,26 @@ use edge_agent::cli::agent::{Cli, Command};
 use edge_agent::cli::run_module;
 use edge_agent::config::Config;
 use edge_agent::daemon;
+use edge_agent::hal::{Board, HardwareConfig};
 use edge_agent::runtime::RuntimeConfig;
+use edge_agent::runtime::host::{Clock as _, SystemClock};
 use edge_agent::store::Store;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::RunModule(args)) => {
-            let config = match cli.config.as_deref().map(Config::load).transpose() {
-                Ok(c) => c.map_or_else(RuntimeConfig::default, |c| c.runtime),
+            // With --config: that agent's limits and hardware; without: defaults and the
+            // simulated board.
+            let (runtime, hardware) = match cli.config.as_deref().map(Config::load).transpose() {
+                Ok(Some(c)) => (c.runtime, c.hardware),
+                Ok(None) => (RuntimeConfig::default(), HardwareConfig::simulated()),
                 Err(e) => {
                     eprintln!("edge-agent: {e}");
                     return ExitCode::from(2);
                 }
             };
-            match run_module::run(&args, config, &mut std::io::stdout().lock()) {
+            match run_module::run(&args, runtime, &hardware, &mut std::io::stdout().lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("edge-agent: {e}");
@@ -62,7 +68,11 @@ fn agent(cli: Cli) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let mut notifier = daemon::Silent;
-        daemon::run(config, store, shutdown_signal(), &mut notifier).await
+        let board = Arc::new(Board::open(
+            &config.hardware,
+            Arc::new(|| SystemClock.now_ms()),
+        ));
+        daemon::run(config, store, board, shutdown_signal(), &mut notifier).await
     })?;
     Ok(())
 }

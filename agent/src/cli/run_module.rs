@@ -3,11 +3,14 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args;
 
 use super::files;
 use crate::core::manifest::Manifest;
+use crate::hal::{Board, HardwareConfig};
+use crate::runtime::host::{Clock as _, SystemClock};
 use crate::runtime::kv::MemoryKv;
 use crate::runtime::{CallReport, Outcome, Runtime, RuntimeConfig};
 
@@ -80,10 +83,12 @@ impl RunModuleError {
     }
 }
 
-/// Runs the module as the arguments say, printing to `out`.
+/// Runs the module as the arguments say, on `hardware` (the simulated board unless the agent's
+/// configuration names real hardware), printing to `out`.
 pub fn run(
     args: &RunModuleArgs,
     config: RuntimeConfig,
+    hardware: &HardwareConfig,
     out: &mut dyn Write,
 ) -> Result<(), RunModuleError> {
     let text = files::read_text(&args.manifest, 64 * 1024)?;
@@ -94,7 +99,8 @@ pub fn run(
             reason,
         })?;
     let wasm = files::read_bounded(&args.wasm, WASM_MAX)?;
-    let runtime = Runtime::new(config);
+    let board = Board::open(hardware, Arc::new(|| SystemClock.now_ms()));
+    let runtime = Runtime::new(config).with_board(Arc::new(board));
     let refused = |e: String| RunModuleError::Refused(e);
     // The install checks a device makes (validation included).
     let prepared = runtime
@@ -160,6 +166,18 @@ pub fn run(
         s.host.log_dropped,
         s.host.refused
     )?;
+    // What the module did to the simulated lines it was granted.
+    for line in &manifest.caps.gpio {
+        if let Some(sim) = runtime.board().sim_line(*line) {
+            writeln!(
+                out,
+                "{:<12} gpio {line} {} (changed {} times)",
+                "board",
+                if sim.level() { "high" } else { "low" },
+                sim.toggles()
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -25,8 +25,9 @@ use crate::core::protocol::{
 use crate::core::reconcile::{Action, Offer, Reconciler};
 use crate::core::topics::{Inbound, Scope, Topics};
 use crate::core::verify::{DeviceIdentity, Verifier};
+use crate::hal::Board;
 use crate::mqtt::{self, BrokerUrl, ClientSettings};
-use crate::runtime::host::{Clock as _, SystemClock};
+use crate::runtime::host::{Clock as _, LogLevel, LogLine, SystemClock};
 use crate::runtime::runner::{
     self, CallKind, GuestPool, RunState, RunnerConfig, RunnerEvent, RunnerHandle,
 };
@@ -108,17 +109,18 @@ pub trait Notifier: Send {
 pub struct Silent;
 impl Notifier for Silent {}
 
-/// Runs the agent until `shutdown` completes, then stops every module (each in-flight call ends
+/// Runs the agent with the hardware on `board` until `shutdown` completes, then stops every module (each in-flight call ends
 /// within its fuel), flushes the store and leaves the status offline.
 pub async fn run(
     config: Config,
     store: Store,
+    board: Arc<Board>,
     shutdown: impl Future<Output = ()>,
     notifier: &mut dyn Notifier,
 ) -> Result<(), DaemonError> {
     let topics = config.topics()?;
     let trust = load_trust(&config)?;
-    let runtime = Runtime::new(config.runtime);
+    let runtime = Runtime::new(config.runtime).with_board(board);
     let verifier = Verifier::new(trust, runtime.engine().clone())
         .with_max_bundle_bytes(config.agent.max_bundle_bytes)
         .for_device(DeviceIdentity {
@@ -366,7 +368,15 @@ impl Supervisor {
         let sha = record.current.wasm_sha256();
         blocking(move || {
             let wasm = store.wasm(&sha).map_err(|e| e.to_string())?;
-            runtime.prepare(&manifest, &wasm).map_err(|e| e.to_string())
+            let prepared = runtime
+                .prepare(&manifest, &wasm)
+                .map_err(|e| e.to_string())?;
+            // An installed module keeps the output lines it drives, also across restarts.
+            runtime
+                .board()
+                .claim_outputs(&manifest.name, &manifest.caps)
+                .map_err(|e| format!("hardware refused: {e}"))?;
+            Ok(prepared)
         })
         .await
     }
@@ -515,7 +525,15 @@ impl Supervisor {
             }
             let prepared = match (verified.manifest.action, verified.wasm) {
                 (BundleAction::Install, Some(wasm)) => {
-                    Some(runtime.prepare(&verified.manifest, wasm).map_err(|e| (true, e.to_string()))?)
+                    let prepared = runtime
+                        .prepare(&verified.manifest, wasm)
+                        .map_err(|e| (true, e.to_string()))?;
+                    // Two modules may not drive one output line.
+                    runtime
+                        .board()
+                        .claimable(&verified.manifest.name, &verified.manifest.caps)
+                        .map_err(|e| (true, format!("module {:?}: hardware refused: {e}", verified.manifest.name)))?;
+                    Some(prepared)
                 }
                 _ => None,
             };
@@ -585,6 +603,7 @@ impl Supervisor {
         prepared: PreparedModule,
     ) -> Result<(), String> {
         let name = manifest.name.clone();
+        let caps = manifest.caps.clone();
         let store = Arc::clone(&self.store);
         let record = blocking(move || {
             let verified = crate::core::verify::Verified {
@@ -603,6 +622,10 @@ impl Supervisor {
             "module {name}: seq {} stored, starting on probation",
             record.current.manifest.seq
         );
+        if let Err(e) = self.runtime.board().claim_outputs(&name, &caps) {
+            // Checked before the install; only a concurrent claim could intervene.
+            tracing::error!("module {name}: {e}");
+        }
         let mut slot = match self.slots.remove(&name) {
             Some(mut old) => {
                 if let Some(runner) = old.runner.take() {
@@ -648,6 +671,7 @@ impl Supervisor {
             });
         match removed {
             Ok(_) => {
+                self.runtime.board().release(name);
                 self.event(EventKind::Removed, name, version, Some(seq), None);
                 Ok(())
             }
@@ -741,7 +765,16 @@ impl Supervisor {
                         self.dropped += 1;
                     }
                 }
-                for line in &report.logs {
+                // Refused host calls go to the agent's log and the module's log topic, so an
+                // operator sees a module knocking on doors its manifest does not open.
+                let refusals = report.refusals.iter().map(|r| {
+                    tracing::warn!("module {module}: host call {r}");
+                    LogLine {
+                        level: LogLevel::Warn,
+                        text: format!("host call {r}"),
+                    }
+                });
+                for line in report.logs.iter().cloned().chain(refusals) {
                     let payload = protocol::to_cbor(&LogRecord {
                         ts_ms: now_ms(),
                         level: line.level,
@@ -883,6 +916,7 @@ impl Supervisor {
                 );
             }
             Ok(None) => {
+                self.runtime.board().release(name);
                 slot.record.state = InstallState::Failed {
                     cause: cause.clone(),
                 };

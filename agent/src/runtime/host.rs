@@ -12,8 +12,9 @@ use std::sync::Arc;
 use edge_abi::{err, level, limits};
 
 use super::kv::{KvError, KvStore};
-use crate::core::manifest::{check_topic, topic_matches};
+use crate::core::manifest::{Caps, I2cGrant, SpiGrant, check_topic, topic_matches};
 use crate::core::rate::{Rate, TokenBucket};
+use crate::hal::{Board, BoardError, Direction, HalError};
 
 /// A source of wall-clock time in milliseconds since the Unix epoch.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -192,6 +193,8 @@ pub enum HostCall {
     NowMs,
     /// `random(ptr, len)`.
     Random(i32, i32),
+    /// `delay_us(us)`.
+    DelayUs(i32),
     /// `publish(topic_ptr, topic_len, payload_ptr, payload_len)`.
     Publish(i32, i32, i32, i32),
     /// `kv_get(key_ptr, key_len, buf_ptr, buf_cap)`.
@@ -200,6 +203,39 @@ pub enum HostCall {
     KvSet(i32, i32, i32, i32),
     /// `kv_delete(key_ptr, key_len)`.
     KvDelete(i32, i32),
+    /// `gpio_set(line, value)`.
+    GpioSet(i32, i32),
+    /// `gpio_get(line)`.
+    GpioGet(i32),
+    /// `i2c_write(bus, addr, ptr, len)`.
+    I2cWrite(i32, i32, i32, i32),
+    /// `i2c_read(bus, addr, ptr, len)`.
+    I2cRead(i32, i32, i32, i32),
+    /// `i2c_write_read(bus, addr, write_ptr, write_len, read_ptr, read_len)`.
+    I2cWriteRead(i32, i32, i32, i32, i32, i32),
+    /// `spi_transfer(bus, cs, write_ptr, read_ptr, len)`.
+    SpiTransfer(i32, i32, i32, i32, i32),
+}
+
+/// The board and what a module's manifest grants on it.
+#[derive(Debug, Clone, Default)]
+pub struct Hardware {
+    board: Option<Arc<Board>>,
+    gpio: Vec<u32>,
+    i2c: Vec<I2cGrant>,
+    spi: Vec<SpiGrant>,
+}
+
+impl Hardware {
+    /// The grants in `caps` on `board`.
+    pub fn new(board: Arc<Board>, caps: &Caps) -> Self {
+        Hardware {
+            board: Some(board),
+            gpio: caps.gpio.clone(),
+            i2c: caps.i2c.clone(),
+            spi: caps.spi.clone(),
+        }
+    }
 }
 
 /// Everything the host keeps for one module instance.
@@ -217,12 +253,14 @@ pub struct HostState {
     pub(super) logs: Vec<LogLine>,
     pub(super) refusals: Vec<Refusal>,
     refusals_this_call: u32,
+    delayed_us_this_call: u32,
     /// Lifetime counters.
     pub counters: HostCounters,
     /// The limiter (memory and table caps) wasmi consults.
     pub(super) limiter: super::limiter::GuestLimiter,
     /// The guest's memory, once instantiated.
     pub(super) memory: Option<wasmi::Memory>,
+    hardware: Hardware,
 }
 
 /// `KvStore` plus `Debug`, so the state can be printed.
@@ -254,10 +292,18 @@ impl HostState {
             logs: Vec::new(),
             refusals: Vec::new(),
             refusals_this_call: 0,
+            delayed_us_this_call: 0,
             counters: HostCounters::default(),
             limiter,
             memory: None,
+            hardware: Hardware::default(),
         }
+    }
+
+    /// Gives the module the hardware its manifest grants.
+    pub fn with_hardware(mut self, hardware: Hardware) -> Self {
+        self.hardware = hardware;
+        self
     }
 
     /// Clears the per-call bounds before a guest call.
@@ -267,6 +313,7 @@ impl HostState {
         self.logs.clear();
         self.refusals.clear();
         self.refusals_this_call = 0;
+        self.delayed_us_this_call = 0;
         self.limiter.denied = None;
     }
 
@@ -290,6 +337,7 @@ impl HostState {
                 return Ok(now);
             }
             HostCall::Random(p, n) => (edge_abi::import::RANDOM, self.random(mem, p, n)),
+            HostCall::DelayUs(us) => (edge_abi::import::DELAY_US, self.delay_us(us)),
             HostCall::Publish(tp, tl, pp, pl) => {
                 (edge_abi::import::PUBLISH, self.publish(mem, tp, tl, pp, pl))
             }
@@ -302,6 +350,24 @@ impl HostState {
             HostCall::KvDelete(kp, kl) => {
                 (edge_abi::import::KV_DELETE, self.kv_delete(mem, kp, kl))
             }
+            HostCall::GpioSet(line, value) => {
+                (edge_abi::import::GPIO_SET, self.gpio_set(line, value))
+            }
+            HostCall::GpioGet(line) => (edge_abi::import::GPIO_GET, self.gpio_get(line)),
+            HostCall::I2cWrite(b, a, p, n) => {
+                (edge_abi::import::I2C_WRITE, self.i2c_write(mem, b, a, p, n))
+            }
+            HostCall::I2cRead(b, a, p, n) => {
+                (edge_abi::import::I2C_READ, self.i2c_read(mem, b, a, p, n))
+            }
+            HostCall::I2cWriteRead(b, a, wp, wn, rp, rn) => (
+                edge_abi::import::I2C_WRITE_READ,
+                self.i2c_write_read(mem, b, a, (wp, wn), (rp, rn)),
+            ),
+            HostCall::SpiTransfer(b, cs, wp, rp, n) => (
+                edge_abi::import::SPI_TRANSFER,
+                self.spi_transfer(mem, b, cs, wp, rp, n),
+            ),
         };
         match result {
             Ok(v) => Ok(i64::from(v)),
@@ -352,6 +418,35 @@ impl HostState {
             level,
             text: utf8_lossy_bounded(bytes, limits::LOG_LINE_MAX as usize),
         });
+        Ok(err::OK)
+    }
+
+    /// Sleeps the calling thread (a guest-pool thread, never the reactor), bounded per call and
+    /// per guest call.
+    fn delay_us(&mut self, us: i32) -> HostResult {
+        let us = u32::try_from(us)
+            .map_err(|_| (err::BAD_ARGUMENT, format!("negative delay {us} us")))?;
+        if us > limits::DELAY_MAX_US {
+            return Err((
+                err::TOO_LARGE,
+                format!(
+                    "a delay of {us} us is above the limit of {} us",
+                    limits::DELAY_MAX_US
+                ),
+            ));
+        }
+        let total = self.delayed_us_this_call.saturating_add(us);
+        if total > limits::DELAY_PER_CALL_MAX_US {
+            return Err((
+                err::BUSY,
+                format!(
+                    "delays in one guest call would exceed {} us",
+                    limits::DELAY_PER_CALL_MAX_US
+                ),
+            ));
+        }
+        self.delayed_us_this_call = total;
+        std::thread::sleep(std::time::Duration::from_micros(u64::from(us)));
         Ok(err::OK)
     }
 
@@ -430,6 +525,159 @@ impl HostState {
             Err((err::NOT_FOUND, "no such key".into()))
         }
     }
+}
+
+impl HostState {
+    fn board(&self) -> Result<&Board, (i32, String)> {
+        self.hardware.board.as_deref().ok_or_else(|| {
+            (
+                err::UNAVAILABLE,
+                "this device offers no hardware".to_string(),
+            )
+        })
+    }
+
+    fn granted_line(&self, line: i32) -> Result<u32, (i32, String)> {
+        u32::try_from(line)
+            .ok()
+            .filter(|l| self.hardware.gpio.contains(l))
+            .ok_or_else(|| {
+                (
+                    err::DENIED,
+                    format!("gpio line {line} is not granted by caps.gpio"),
+                )
+            })
+    }
+
+    fn granted_i2c(&self, bus: i32, addr: i32) -> Result<(u32, u8), (i32, String)> {
+        let denied = || {
+            (
+                err::DENIED,
+                format!("i2c bus {bus} address {addr:#04x} is not granted by caps.i2c"),
+            )
+        };
+        let bus = u32::try_from(bus).map_err(|_| denied())?;
+        let addr = u8::try_from(addr)
+            .ok()
+            .filter(|a| *a <= 0x7f)
+            .ok_or_else(denied)?;
+        let granted = self
+            .hardware
+            .i2c
+            .iter()
+            .any(|g| g.bus == bus && g.addresses.contains(&u16::from(addr)));
+        if granted {
+            Ok((bus, addr))
+        } else {
+            Err(denied())
+        }
+    }
+
+    fn granted_spi(&self, bus: i32, cs: i32) -> Result<(u32, u32), (i32, String)> {
+        let denied = || {
+            (
+                err::DENIED,
+                format!("spi device {bus}.{cs} is not granted by caps.spi"),
+            )
+        };
+        let (bus, cs) = (
+            u32::try_from(bus).map_err(|_| denied())?,
+            u32::try_from(cs).map_err(|_| denied())?,
+        );
+        if self.hardware.spi.iter().any(|g| g.bus == bus && g.cs == cs) {
+            Ok((bus, cs))
+        } else {
+            Err(denied())
+        }
+    }
+
+    fn gpio_set(&mut self, line: i32, value: i32) -> HostResult {
+        let line = self.granted_line(line)?;
+        let (direction, dev) = self.board()?.gpio(line).map_err(board_error)?;
+        if direction != Direction::Output {
+            return Err((
+                err::BAD_ARGUMENT,
+                format!("gpio line {line} is an input and cannot be driven"),
+            ));
+        }
+        lock(dev).set(value != 0).map_err(hal_error)?;
+        Ok(err::OK)
+    }
+
+    fn gpio_get(&mut self, line: i32) -> HostResult {
+        let line = self.granted_line(line)?;
+        let (_, dev) = self.board()?.gpio(line).map_err(board_error)?;
+        let high = lock(dev).get().map_err(hal_error)?;
+        Ok(i32::from(high))
+    }
+
+    fn i2c_write(&mut self, mem: &[u8], bus: i32, addr: i32, p: i32, n: i32) -> HostResult {
+        let (bus, addr) = self.granted_i2c(bus, addr)?;
+        let r = range(mem, p, n, limits::I2C_MAX, "i2c write buffer")?;
+        let dev = self.board()?.i2c(bus).map_err(board_error)?;
+        lock(dev).write(addr, &mem[r]).map_err(hal_error)?;
+        Ok(err::OK)
+    }
+
+    fn i2c_read(&mut self, mem: &mut [u8], bus: i32, addr: i32, p: i32, n: i32) -> HostResult {
+        let (bus, addr) = self.granted_i2c(bus, addr)?;
+        let r = range(mem, p, n, limits::I2C_MAX, "i2c read buffer")?;
+        let dev = self.board()?.i2c(bus).map_err(board_error)?;
+        lock(dev).read(addr, &mut mem[r]).map_err(hal_error)?;
+        Ok(err::OK)
+    }
+
+    fn i2c_write_read(
+        &mut self,
+        mem: &mut [u8],
+        bus: i32,
+        addr: i32,
+        (wp, wn): (i32, i32),
+        (rp, rn): (i32, i32),
+    ) -> HostResult {
+        let (bus, addr) = self.granted_i2c(bus, addr)?;
+        let w = range(mem, wp, wn, limits::I2C_MAX, "i2c write buffer")?;
+        let r = range(mem, rp, rn, limits::I2C_MAX, "i2c read buffer")?;
+        let dev = self.board()?.i2c(bus).map_err(board_error)?;
+        // The two ranges may overlap; the bytes to write are copied out first.
+        let bytes = mem[w].to_vec();
+        lock(dev)
+            .write_read(addr, &bytes, &mut mem[r])
+            .map_err(hal_error)?;
+        Ok(err::OK)
+    }
+
+    fn spi_transfer(
+        &mut self,
+        mem: &mut [u8],
+        bus: i32,
+        cs: i32,
+        wp: i32,
+        rp: i32,
+        n: i32,
+    ) -> HostResult {
+        let (bus, cs) = self.granted_spi(bus, cs)?;
+        let w = range(mem, wp, n, limits::SPI_MAX, "spi write buffer")?;
+        let r = range(mem, rp, n, limits::SPI_MAX, "spi read buffer")?;
+        let dev = self.board()?.spi(bus, cs).map_err(board_error)?;
+        let bytes = mem[w].to_vec();
+        lock(dev).transfer(&mut mem[r], &bytes).map_err(hal_error)?;
+        Ok(err::OK)
+    }
+}
+
+fn lock<T: ?Sized>(m: &std::sync::Mutex<Box<T>>) -> std::sync::MutexGuard<'_, Box<T>> {
+    // A panic while a bus was held cannot leave it in a state another call must not see: the
+    // next transfer starts from scratch.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn board_error(e: BoardError) -> (i32, String) {
+    (err::UNAVAILABLE, e.to_string())
+}
+
+fn hal_error(e: HalError) -> (i32, String) {
+    (e.abi_code(), e.to_string())
 }
 
 type HostResult = Result<i32, (i32, String)>;
@@ -653,6 +901,29 @@ mod tests {
         let mut mem = vec![0xff; 8];
         assert_eq!(s.call(&mut mem, HostCall::Log(level::INFO, 0, 8)), Ok(0));
         assert!(s.logs[1].text.contains('\u{fffd}'));
+    }
+
+    #[test]
+    fn delays_are_bounded_per_call_and_per_guest_call() {
+        let mut s = state(HostLimits::default());
+        let mut mem = vec![0u8; 8];
+        assert_eq!(
+            s.call(&mut mem, HostCall::DelayUs(-1)),
+            Ok(i64::from(err::BAD_ARGUMENT))
+        );
+        assert_eq!(
+            s.call(&mut mem, HostCall::DelayUs(100_001)),
+            Ok(i64::from(err::TOO_LARGE))
+        );
+        assert_eq!(s.call(&mut mem, HostCall::DelayUs(10)), Ok(0));
+        // Pretend the call already slept almost its whole allowance.
+        s.delayed_us_this_call = limits::DELAY_PER_CALL_MAX_US - 5;
+        assert_eq!(
+            s.call(&mut mem, HostCall::DelayUs(10)),
+            Ok(i64::from(err::BUSY))
+        );
+        s.begin_call();
+        assert_eq!(s.call(&mut mem, HostCall::DelayUs(10)), Ok(0));
     }
 
     #[test]

@@ -19,6 +19,9 @@ enum Grant {
     Always,
     Publish,
     Kv,
+    Gpio,
+    I2c,
+    Spi,
 }
 
 /// ABI v1's imports: name, parameter and result types, and the capability each needs.
@@ -26,6 +29,7 @@ const IMPORTS: &[(&str, &[ValType], &[ValType], Grant)] = &[
     (import::LOG, &[I32, I32, I32], &[I32], Grant::Always),
     (import::NOW_MS, &[], &[I64], Grant::Always),
     (import::RANDOM, &[I32, I32], &[I32], Grant::Always),
+    (import::DELAY_US, &[I32], &[I32], Grant::Always),
     (
         import::PUBLISH,
         &[I32, I32, I32, I32],
@@ -35,6 +39,22 @@ const IMPORTS: &[(&str, &[ValType], &[ValType], Grant)] = &[
     (import::KV_GET, &[I32, I32, I32, I32], &[I32], Grant::Kv),
     (import::KV_SET, &[I32, I32, I32, I32], &[I32], Grant::Kv),
     (import::KV_DELETE, &[I32, I32], &[I32], Grant::Kv),
+    (import::GPIO_SET, &[I32, I32], &[I32], Grant::Gpio),
+    (import::GPIO_GET, &[I32], &[I32], Grant::Gpio),
+    (import::I2C_WRITE, &[I32, I32, I32, I32], &[I32], Grant::I2c),
+    (import::I2C_READ, &[I32, I32, I32, I32], &[I32], Grant::I2c),
+    (
+        import::I2C_WRITE_READ,
+        &[I32, I32, I32, I32, I32, I32],
+        &[I32],
+        Grant::I2c,
+    ),
+    (
+        import::SPI_TRANSFER,
+        &[I32, I32, I32, I32, I32],
+        &[I32],
+        Grant::Spi,
+    ),
 ];
 
 fn describe(params: &[ValType], results: &[ValType]) -> String {
@@ -79,6 +99,15 @@ pub(super) fn check_import(
         )),
         Grant::Kv if manifest.caps.kv_quota_bytes == 0 => Err(refuse(
             "the manifest grants no capability for it (caps.kv_quota_bytes is 0)".into(),
+        )),
+        Grant::Gpio if manifest.caps.gpio.is_empty() => Err(refuse(
+            "the manifest grants no capability for it (caps.gpio is empty)".into(),
+        )),
+        Grant::I2c if manifest.caps.i2c.is_empty() => Err(refuse(
+            "the manifest grants no capability for it (caps.i2c is empty)".into(),
+        )),
+        Grant::Spi if manifest.caps.spi.is_empty() => Err(refuse(
+            "the manifest grants no capability for it (caps.spi is empty)".into(),
         )),
         _ => Ok(()),
     }
@@ -221,6 +250,61 @@ pub(super) fn linker_for(
                 import::KV_DELETE,
                 |mut c: Caller<'_, HostState>, kp: i32, kl: i32| {
                     host(&mut c, HostCall::KvDelete(kp, kl)).map(code)
+                },
+            ),
+            import::DELAY_US => linker.func_wrap(
+                m,
+                import::DELAY_US,
+                |mut c: Caller<'_, HostState>, us: i32| {
+                    host(&mut c, HostCall::DelayUs(us)).map(code)
+                },
+            ),
+            import::GPIO_SET => linker.func_wrap(
+                m,
+                import::GPIO_SET,
+                |mut c: Caller<'_, HostState>, line: i32, v: i32| {
+                    host(&mut c, HostCall::GpioSet(line, v)).map(code)
+                },
+            ),
+            import::GPIO_GET => linker.func_wrap(
+                m,
+                import::GPIO_GET,
+                |mut c: Caller<'_, HostState>, line: i32| {
+                    host(&mut c, HostCall::GpioGet(line)).map(code)
+                },
+            ),
+            import::I2C_WRITE => linker.func_wrap(
+                m,
+                import::I2C_WRITE,
+                |mut c: Caller<'_, HostState>, b: i32, a: i32, p: i32, n: i32| {
+                    host(&mut c, HostCall::I2cWrite(b, a, p, n)).map(code)
+                },
+            ),
+            import::I2C_READ => linker.func_wrap(
+                m,
+                import::I2C_READ,
+                |mut c: Caller<'_, HostState>, b: i32, a: i32, p: i32, n: i32| {
+                    host(&mut c, HostCall::I2cRead(b, a, p, n)).map(code)
+                },
+            ),
+            import::I2C_WRITE_READ => linker.func_wrap(
+                m,
+                import::I2C_WRITE_READ,
+                |mut c: Caller<'_, HostState>,
+                 b: i32,
+                 a: i32,
+                 wp: i32,
+                 wn: i32,
+                 rp: i32,
+                 rn: i32| {
+                    host(&mut c, HostCall::I2cWriteRead(b, a, wp, wn, rp, rn)).map(code)
+                },
+            ),
+            import::SPI_TRANSFER => linker.func_wrap(
+                m,
+                import::SPI_TRANSFER,
+                |mut c: Caller<'_, HostState>, b: i32, cs: i32, wp: i32, rp: i32, n: i32| {
+                    host(&mut c, HostCall::SpiTransfer(b, cs, wp, rp, n)).map(code)
                 },
             ),
             _ => continue,

@@ -21,10 +21,12 @@ use serde::{Deserialize, Serialize};
 use wasmi::{Memory, Store, TrapCode, TypedFunc};
 
 use self::host::{
-    Abort, Clock, HostCounters, HostLimits, HostState, KvStoreDebug, LogLine, OutMessage, Refusal,
+    Abort, Clock, Hardware, HostCounters, HostLimits, HostState, KvStoreDebug, LogLine, OutMessage,
+    Refusal,
 };
 use self::limiter::GuestLimiter;
 use crate::core::manifest::Manifest;
+use crate::hal::Board;
 
 /// Wasm page size.
 const PAGE: u64 = 65536;
@@ -132,6 +134,14 @@ pub enum InstallError {
         initial: u64,
         /// The cap.
         cap: u64,
+    },
+    /// The manifest grants hardware this device does not offer (or could not open).
+    #[error("module {module:?}: hardware refused: {reason}")]
+    Hardware {
+        /// Module name.
+        module: String,
+        /// Which resource and why.
+        reason: String,
     },
     /// Instantiation failed.
     #[error("module {module:?}: instantiation failed: {reason}")]
@@ -242,6 +252,7 @@ pub struct PreparedModule {
     name: String,
     module: wasmi::Module,
     publish: Vec<String>,
+    hardware: Hardware,
     limits: EffectiveLimits,
 }
 
@@ -268,6 +279,7 @@ pub struct Runtime {
     engine: wasmi::Engine,
     config: RuntimeConfig,
     clock: Arc<dyn Clock>,
+    board: Arc<Board>,
 }
 
 impl Runtime {
@@ -277,7 +289,19 @@ impl Runtime {
             engine: crate::engine::new(),
             config,
             clock: Arc::new(host::SystemClock),
+            board: Arc::new(Board::empty()),
         }
+    }
+
+    /// Gives modules the hardware on `board` (as their manifests grant it).
+    pub fn with_board(mut self, board: Arc<Board>) -> Self {
+        self.board = board;
+        self
+    }
+
+    /// The board.
+    pub fn board(&self) -> &Arc<Board> {
+        &self.board
     }
 
     /// Replaces the clock modules see (`now_ms`, rate limits).
@@ -318,6 +342,12 @@ impl Runtime {
             linker::check_import(&name, &import, manifest)?;
         }
         linker::check_exports(&name, &module)?;
+        self.board
+            .check_grants(&manifest.caps)
+            .map_err(|e| InstallError::Hardware {
+                module: name.clone(),
+                reason: format!("the manifest grants {e}"),
+            })?;
         if let Some(wasmi::ExternType::Memory(mem)) = module.get_export(export::MEMORY) {
             let initial = mem.minimum().saturating_mul(PAGE);
             if initial > limits.memory_max_bytes {
@@ -332,6 +362,7 @@ impl Runtime {
             name,
             module,
             publish: manifest.caps.publish.clone(),
+            hardware: Hardware::new(Arc::clone(&self.board), &manifest.caps),
             limits,
         })
     }
@@ -354,7 +385,8 @@ impl Runtime {
             Arc::clone(&self.clock),
             self.config.host,
             limiter,
-        );
+        )
+        .with_hardware(prepared.hardware.clone());
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         set_fuel(&mut store, prepared.limits.fuel_per_call);

@@ -40,6 +40,11 @@ pub mod import {
     pub const NOW_MS: &str = "now_ms";
     /// `(ptr, len: i32) -> i32`: fills the buffer with random bytes. Always granted.
     pub const RANDOM: &str = "random";
+    /// `(us: i32) -> i32`: blocks the module at least `us` microseconds (at most
+    /// [`crate::limits::DELAY_MAX_US`] per call and [`crate::limits::DELAY_PER_CALL_MAX_US`] per
+    /// guest call), without burning fuel: what drivers wait while a device converts. Always
+    /// granted.
+    pub const DELAY_US: &str = "delay_us";
     /// `(topic_ptr, topic_len, payload_ptr, payload_len: i32) -> i32`. Needs `caps.publish`.
     pub const PUBLISH: &str = "publish";
     /// `(key_ptr, key_len, buf_ptr, buf_cap: i32) -> i32`: the value's length (copied only when
@@ -49,6 +54,22 @@ pub mod import {
     pub const KV_SET: &str = "kv_set";
     /// `(key_ptr, key_len: i32) -> i32`. Needs `caps.kv_quota_bytes > 0`.
     pub const KV_DELETE: &str = "kv_delete";
+    /// `(line, value: i32) -> i32`: drives a GPIO output line low (0) or high (non-zero). Needs
+    /// the line in `caps.gpio`.
+    pub const GPIO_SET: &str = "gpio_set";
+    /// `(line: i32) -> i32`: reads a GPIO line: 0 low, 1 high. Needs the line in `caps.gpio`.
+    pub const GPIO_GET: &str = "gpio_get";
+    /// `(bus, addr, ptr, len: i32) -> i32`: writes bytes to an I2C device. Needs the bus and
+    /// address in `caps.i2c`.
+    pub const I2C_WRITE: &str = "i2c_write";
+    /// `(bus, addr, ptr, len: i32) -> i32`: reads bytes from an I2C device. Needs `caps.i2c`.
+    pub const I2C_READ: &str = "i2c_read";
+    /// `(bus, addr, write_ptr, write_len, read_ptr, read_len: i32) -> i32`: a write then a read
+    /// with a repeated start (a register read). Needs `caps.i2c`.
+    pub const I2C_WRITE_READ: &str = "i2c_write_read";
+    /// `(bus, cs, write_ptr, read_ptr, len: i32) -> i32`: a full-duplex SPI transfer of `len`
+    /// bytes (`read_ptr` may equal `write_ptr`). Needs the device in `caps.spi`.
+    pub const SPI_TRANSFER: &str = "spi_transfer";
 }
 
 /// Return codes. Zero or positive is success; these are the failures.
@@ -71,8 +92,11 @@ pub mod err {
     pub const BAD_ARGUMENT: i32 = -7;
     /// The module's outgoing queue is full for this call.
     pub const BUSY: i32 = -8;
-    /// The host could not do it (storage or random source failure).
+    /// The host could not do it (storage or random source failure, or hardware this device
+    /// does not have).
     pub const UNAVAILABLE: i32 = -9;
+    /// The device did not answer or the bus failed (an I2C NACK, an IO error).
+    pub const IO: i32 = -10;
 
     /// The name of a return code, for messages.
     pub const fn name(code: i32) -> &'static str {
@@ -87,6 +111,7 @@ pub mod err {
             BAD_ARGUMENT => "bad argument",
             BUSY => "busy",
             UNAVAILABLE => "unavailable",
+            IO => "io error",
             _ => "unknown error",
         }
     }
@@ -119,4 +144,12 @@ pub mod limits {
     pub const KV_VALUE_MAX: u32 = 16 * 1024;
     /// Most bytes one `random` call fills.
     pub const RANDOM_MAX: u32 = 1024;
+    /// Most bytes one I2C write or read moves (each side of a write-read).
+    pub const I2C_MAX: u32 = 4096;
+    /// Most bytes one SPI transfer moves.
+    pub const SPI_MAX: u32 = 4096;
+    /// Longest single `delay_us`, microseconds.
+    pub const DELAY_MAX_US: u32 = 100_000;
+    /// Longest a guest call may spend in `delay_us` in all, microseconds.
+    pub const DELAY_PER_CALL_MAX_US: u32 = 1_000_000;
 }

@@ -29,8 +29,11 @@ impl Error {
     pub const BAD_ARGUMENT: Error = Error::new(err::BAD_ARGUMENT);
     /// The module's outgoing queue is full for this call.
     pub const BUSY: Error = Error::new(err::BUSY);
-    /// The host could not do it (storage or random source failure), or this is not wasm32.
+    /// The host could not do it (storage or random source failure, hardware the device does not
+    /// have), or this is not wasm32.
     pub const UNAVAILABLE: Error = Error::new(err::UNAVAILABLE);
+    /// The device did not answer or the bus failed (an I2C NACK, an IO error).
+    pub const IO: Error = Error::new(err::IO);
 
     /// An error with `code`: negative codes are the ABI's, positive ones the module's own. Zero
     /// means success, not an error, and becomes [`Error::FAILED`].

@@ -36,6 +36,8 @@
 //!
 //! - [`sys`]: the raw imports, for authors who need the exact ABI.
 //! - [`kv`]: the module's key-value store.
+//! - [`hal`]: GPIO lines, I2C buses, SPI devices and a delay as the embedded-hal 1.0 traits, so
+//!   driver crates from crates.io run in a module unchanged.
 //! - [`log()`] and the [`error!`], [`warn!`], [`info!`], [`debug!`] macros: the module's log.
 //! - [`publish`], [`now_ms`], [`random`]: telemetry, the clock, random bytes.
 //! - [`Module`] and [`module!`]: the module's life cycle and its exports.
@@ -53,6 +55,7 @@
 extern crate alloc;
 
 mod error;
+pub mod hal;
 pub mod kv;
 mod log;
 mod module;

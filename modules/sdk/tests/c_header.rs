@@ -46,6 +46,7 @@ fn the_header_defines_exactly_the_crates_constants() {
         ("EDGE_ERR_BAD_ARGUMENT", err::BAD_ARGUMENT.into()),
         ("EDGE_ERR_BUSY", err::BUSY.into()),
         ("EDGE_ERR_UNAVAILABLE", err::UNAVAILABLE.into()),
+        ("EDGE_ERR_IO", err::IO.into()),
         ("EDGE_LEVEL_ERROR", level::ERROR.into()),
         ("EDGE_LEVEL_WARN", level::WARN.into()),
         ("EDGE_LEVEL_INFO", level::INFO.into()),
@@ -56,6 +57,13 @@ fn the_header_defines_exactly_the_crates_constants() {
         ("EDGE_KV_KEY_MAX", limits::KV_KEY_MAX.into()),
         ("EDGE_KV_VALUE_MAX", limits::KV_VALUE_MAX.into()),
         ("EDGE_RANDOM_MAX", limits::RANDOM_MAX.into()),
+        ("EDGE_I2C_MAX", limits::I2C_MAX.into()),
+        ("EDGE_SPI_MAX", limits::SPI_MAX.into()),
+        ("EDGE_DELAY_MAX_US", limits::DELAY_MAX_US.into()),
+        (
+            "EDGE_DELAY_PER_CALL_MAX_US",
+            limits::DELAY_PER_CALL_MAX_US.into(),
+        ),
     ]
     .into_iter()
     .map(|(name, value)| (name.to_owned(), value))
@@ -72,10 +80,17 @@ fn the_header_declares_exactly_the_crates_imports_under_its_module() {
         import::LOG,
         import::NOW_MS,
         import::RANDOM,
+        import::DELAY_US,
         import::PUBLISH,
         import::KV_GET,
         import::KV_SET,
         import::KV_DELETE,
+        import::GPIO_SET,
+        import::GPIO_GET,
+        import::I2C_WRITE,
+        import::I2C_READ,
+        import::I2C_WRITE_READ,
+        import::SPI_TRANSFER,
     ];
     expected.sort_unstable();
     assert_eq!(declared, expected);
