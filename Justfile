@@ -52,3 +52,21 @@ bench: modules
     cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime
     cargo bench --locked -p edge-agent --bench daemon
+
+# release build of edge-agent and edgectl for an ARM target, without Docker (Debian's cross gcc)
+cross TARGET="aarch64-unknown-linux-gnu":
+    rustup target add {{TARGET}}
+    cargo build --release --locked --config cross/cargo.toml --target {{TARGET}} -p edge-agent --bins
+    ls -l target/{{TARGET}}/release/edge-agent target/{{TARGET}}/release/edgectl
+
+# the agent's unit and integration tests for an ARM target under qemu-user (brokers on the host)
+test-arm TARGET="aarch64-unknown-linux-gnu":
+    cross/test-arm {{TARGET}}
+
+# the Debian package for a target (arm64 for aarch64, armhf for armv7) into target/deb/
+deb TARGET="aarch64-unknown-linux-gnu":
+    cross/build-deb {{TARGET}}
+
+# checks of the systemd unit: verify (no output allowed) and the offline security rating
+systemd-check:
+    cargo test --locked -p edge-agent --test it systemd

@@ -600,7 +600,7 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         writeln!(log, "===== start {} =====", self.starts).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+        let child = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
@@ -647,6 +647,28 @@ impl Agent {
         writeln!(log, "===== killed: {exit} =====").unwrap();
     }
 
+    /// Rewrites the agent's configuration file with `edit` (the running agent sees it on a
+    /// reload or a restart).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = fs::read_to_string(&self.config).unwrap();
+        fs::write(&self.config, edit(text)).unwrap();
+    }
+
+    /// The configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// SIGHUP: the agent reloads its configuration.
+    pub fn reload(&self) {
+        let child = self.child.as_ref().expect("agent running");
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP failed");
+    }
+
     /// Opens the agent's store (the agent must not be running).
     pub fn store(&self) -> Store {
         assert!(
@@ -691,7 +713,7 @@ impl Drop for Agent {
 pub fn edgectl(args: &[&str]) -> Output {
     let dir = tempdir();
     let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgectl"))
+    let mut child = crate::harness::target_command(env!("CARGO_BIN_EXE_edgectl"))
         .args(args)
         .env_remove("EDGECTL_BROKER")
         .stdin(Stdio::null())

@@ -945,3 +945,54 @@ fn inbox_messages_reach_the_module_and_a_quarantined_module_comes_back_on_an_ope
     let status = obs.running(obs.mark(), "pi-1", "echo", 1);
     assert_eq!(status.restarts, 0);
 }
+
+#[test]
+fn a_reload_trusts_a_new_key_and_evaluates_again_what_the_old_configuration_refused() {
+    let broker = Mosquitto::start();
+    let url = broker.url();
+    let (op, newcomer) = (Operator::new(1), Operator::new(7));
+    let obs = Observer::connect(&url);
+    let agent = Agent::start(&AgentSetup::new("pi-r", &url), &op);
+    obs.status(0, "pi-r", "online", |s| s.online);
+
+    // Signed by a key the device does not trust yet: refused.
+    let m = obs.mark();
+    obs.deploy(
+        "pi-r",
+        "heartbeat",
+        &bundle(&newcomer, "heartbeat", 1, "heartbeat"),
+    );
+    let rejected = obs.event(m, "pi-r", EventKind::Rejected, "heartbeat");
+    assert!(
+        rejected
+            .reason
+            .unwrap_or_default()
+            .contains("does not trust")
+    );
+
+    // Trust it and reload: the retained bundle is evaluated again and installed, no restart.
+    let m = obs.mark();
+    let extra = newcomer.pub_file.display().to_string();
+    agent.edit_config(|text| {
+        text.replace("trusted_keys = [", &format!("trusted_keys = [{extra:?}, "))
+    });
+    agent.reload();
+    obs.event(m, "pi-r", EventKind::Installed, "heartbeat");
+    obs.counter_at_least(m, "pi-r", "heartbeat", 2);
+
+    // A broken configuration is refused and the one in effect stays.
+    agent.edit_config(|text| text.replace("trusted_keys", "trusted_kays"));
+    agent.reload();
+    let m = obs.mark();
+    obs.counter_at_least(m, "pi-r", "heartbeat", 2);
+    poll(
+        Duration::from_secs(30),
+        "the refused reload in the log",
+        || {
+            agent
+                .log_of_this_run()
+                .contains("reload refused")
+                .then_some(())
+        },
+    );
+}

@@ -23,7 +23,7 @@ i2c = [{ bus = 1, addresses = [0x76] }]
 "#;
 
 fn edgectl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgectl"))
+    crate::harness::target_command(env!("CARGO_BIN_EXE_edgectl"))
         .args(args)
         .current_dir(dir)
         .output()

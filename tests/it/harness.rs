@@ -149,3 +149,19 @@ pub fn guest(name: &str) -> (Manifest, Vec<u8>) {
 pub fn guest_file(file: &str) -> std::path::PathBuf {
     built_modules().join(file)
 }
+
+/// A command running `program`, one of this build's binaries (or the test binary itself). When
+/// the tests run for another architecture under qemu-user (`just test-arm`), `EDGE_TEST_RUNNER`
+/// holds the emulator command (`qemu-aarch64 -L /usr/aarch64-linux-gnu`), which is put in front:
+/// qemu-user does not follow `execve` into another emulated binary by itself.
+pub fn target_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    match std::env::var("EDGE_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut words = runner.split_whitespace();
+            let mut cmd = std::process::Command::new(words.next().unwrap_or_default());
+            cmd.args(words).arg(program);
+            cmd
+        }
+        _ => std::process::Command::new(program),
+    }
+}

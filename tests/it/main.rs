@@ -12,3 +12,4 @@ mod run_module;
 mod runner;
 mod runtime;
 mod store;
+mod systemd;

@@ -1,13 +1,13 @@
 //! `edge-agent run-module`, the module author's inner loop, run as a process.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use crate::harness::guest_file;
 
 fn run_module(name: &str, extra: &[&str]) -> Output {
     let wasm = guest_file(&format!("{name}.wasm"));
     let manifest = guest_file(&format!("{name}.toml"));
-    Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+    crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("run-module")
         .arg(&wasm)
         .arg("--manifest")
@@ -120,7 +120,7 @@ fn bme280_telemetry_without_its_i2c_grant_is_refused_at_install() {
     assert_ne!(stripped, manifest, "the manifest had an i2c grant");
     let path = dir.path().join("no-i2c.toml");
     std::fs::write(&path, stripped).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("run-module")
         .arg(guest_file("bme280-telemetry.wasm"))
         .arg("--manifest")

@@ -719,7 +719,7 @@ fn the_store_is_wholly_old_or_new_after_sigkill_at_random_moments() {
     while kills < 25 && started.elapsed() < Duration::from_secs(120) {
         let journal = root.join("journal");
         let _ = fs::remove_file(&journal);
-        let mut child = Command::new(std::env::current_exe().unwrap())
+        let mut child = crate::harness::target_command(std::env::current_exe().unwrap())
             .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads", "1"])
             .env(WORKER_ENV, root)
             .env("EDGE_AGENT_STORE_CRASH_SEED", rng.next().to_string())

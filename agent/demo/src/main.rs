@@ -301,11 +301,21 @@ fn main() -> anyhow::Result<()> {
     )?;
     let port = free_port()?;
     let log = std::fs::File::create(dir.path().join("agent.log"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info,rumqttd=warn"))
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(log))
-        .init();
+    {
+        use tracing_subscriber::filter::{LevelFilter, Targets};
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log))
+            .finish()
+            .with(
+                Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_target("rumqttd", LevelFilter::WARN),
+            )
+            .init();
+    }
     start_broker(port)?;
     let config = Config::from_toml(
         &format!(
@@ -349,7 +359,9 @@ probation_ticks = 2
             let stop = async {
                 let _ = stop_rx.await;
             };
-            daemon::run(config, store, agent_board, stop, &mut silent).await
+            // The demo never reloads its configuration.
+            let (_reload, reloads) = tokio::sync::mpsc::channel(1);
+            daemon::run(config, store, agent_board, stop, reloads, &mut silent).await
         });
 
         let mut options = MqttOptions::new("edge-demo-operator", "127.0.0.1", port);

@@ -1,5 +1,6 @@
 //! `edge-agent`: the daemon, and `run-module` for module authors. See `edge_agent::cli::agent`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use edge_agent::hal::{Board, HardwareConfig};
 use edge_agent::runtime::RuntimeConfig;
 use edge_agent::runtime::host::{Clock as _, SystemClock};
 use edge_agent::store::Store;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,12 +50,20 @@ fn main() -> ExitCode {
 }
 
 fn agent(cli: Cli) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // RUST_LOG as targets and levels ("info", "warn,edge_agent::daemon=debug"); a plain parser,
+    // not env-filter's regular expressions, which would cost the device binary ~0.5 MB.
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .finish()
+        .with(filter)
         .init();
     let path = cli
         .config
@@ -67,14 +77,48 @@ fn agent(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let mut notifier = daemon::Silent;
+        let mut notifier = daemon::notify::Systemd::from_env();
         let board = Arc::new(Board::open(
             &config.hardware,
             Arc::new(|| SystemClock.now_ms()),
         ));
-        daemon::run(config, store, board, shutdown_signal(), &mut notifier).await
+        let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_sighup(path, reload_tx));
+        daemon::run(
+            config,
+            store,
+            board,
+            shutdown_signal(),
+            reloads,
+            &mut notifier,
+        )
+        .await
     })?;
     Ok(())
+}
+
+/// On SIGHUP, reads the configuration again; a valid one goes to the daemon, an invalid one is
+/// reported and the one in effect stays.
+async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install the SIGHUP handler, reloads are off: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading {}", path.display());
+        match Config::load(&path) {
+            Ok(config) => {
+                if reloads.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!("reload refused, the configuration in effect stays: {e}"),
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -87,6 +87,40 @@ impl Reconciler {
         }
     }
 
+    /// The configured groups changed: offers from groups the device left are dropped, the rest
+    /// re-ranked by the new order (`rank` gives a group's new position, `None` if it is gone).
+    pub fn regroup(&mut self, rank: impl Fn(&str) -> Option<usize>) {
+        for offers in self.offers.values_mut() {
+            let old = std::mem::take(offers);
+            for (scope, offer) in old {
+                let scope = match scope {
+                    Scope::Device => Some(Scope::Device),
+                    Scope::Group(_, name) => rank(&name).map(|i| Scope::Group(i, name)),
+                };
+                if let Some(scope) = scope {
+                    offers.insert(scope, offer);
+                }
+            }
+        }
+    }
+
+    /// Evaluates again every winning offer the device settled on without accepting it (a
+    /// rejection), after something that decides acceptance changed (trusted keys, say).
+    /// `accepted` gives the bundle last accepted for a module (installed or removed), if any.
+    pub fn reconsider(&mut self, accepted: impl Fn(&str) -> Option<Sha256>) -> Vec<Action> {
+        let modules: Vec<String> = self.offers.keys().cloned().collect();
+        let mut actions = Vec::new();
+        for module in modules {
+            if let Some(settled) = self.settled.get(&module)
+                && accepted(&module) != Some(*settled)
+            {
+                self.settled.remove(&module);
+            }
+            actions.extend(self.next(&module));
+        }
+        actions
+    }
+
     /// The winning offer for `module`, if any.
     pub fn winner(&self, module: &str) -> Option<(&Scope, &Offer)> {
         self.offers.get(module)?.iter().next()
@@ -192,6 +226,34 @@ mod tests {
         r.offered(Scope::Device, "m", b"v1");
         r.abandoned("m", Sha256::of(b"v1"));
         assert_eq!(r.offered(Scope::Device, "m", b"v1").len(), 1);
+    }
+
+    #[test]
+    fn a_rejected_offer_is_evaluated_again_when_reconsidered_but_an_accepted_one_is_not() {
+        let mut r = Reconciler::default();
+        r.offered(Scope::Device, "ok", b"v1");
+        r.settled("ok", Sha256::of(b"v1"));
+        r.offered(Scope::Device, "bad", b"x");
+        r.settled("bad", Sha256::of(b"x"));
+        let accepted = |m: &str| (m == "ok").then(|| Sha256::of(b"v1"));
+        let again = evaluates(&r.reconsider(accepted));
+        assert_eq!(again, [(Scope::Device, b"x".to_vec())]);
+    }
+
+    #[test]
+    fn offers_of_a_group_the_device_left_are_dropped() {
+        let mut r = Reconciler::default();
+        r.offered(group(0), "m", b"a");
+        r.settled("m", Sha256::of(b"a"));
+        r.offered(group(1), "n", b"b");
+        r.settled("n", Sha256::of(b"b"));
+        // g0 is gone, g1 is now first.
+        r.regroup(|g| (g == "g1").then_some(0));
+        assert!(r.winner("m").is_none());
+        assert_eq!(
+            r.winner("n").map(|(s, _)| s.clone()),
+            Some(Scope::Group(0, "g1".into()))
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ fn jittered(d: Duration) -> Duration {
 /// Runs until `stop` turns true (after the final publishes are flushed) or the supervisor goes.
 pub async fn run(
     mut eventloop: EventLoop,
-    subscriptions: Vec<String>,
+    subscriptions: watch::Receiver<Vec<String>>,
     backoff: Backoff,
     events: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
@@ -53,8 +53,10 @@ pub async fn run(
                 // fleet), and waiting on it here would deadlock, since this loop drains it. The
                 // event loop sends `pending` first; a clean session has just emptied it.
                 let filters = subscriptions
-                    .iter()
-                    .map(|topic| SubscribeFilter::new(topic.clone(), QoS::AtLeastOnce));
+                    .borrow()
+                    .clone()
+                    .into_iter()
+                    .map(|topic| SubscribeFilter::new(topic, QoS::AtLeastOnce));
                 eventloop
                     .pending
                     .push_front(Request::Subscribe(Subscribe::new_many(filters)));

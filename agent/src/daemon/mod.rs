@@ -7,6 +7,7 @@
 //! is rolled back to the previous one, with its key-value state, without a reboot or an operator.
 
 mod connection;
+pub mod notify;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -100,6 +101,10 @@ pub trait Notifier: Send {
     fn status(&mut self, _line: &str) {}
     /// The supervisor loop is alive.
     fn watchdog(&mut self) {}
+    /// A configuration reload begins.
+    fn reloading(&mut self) {}
+    /// A configuration reload is done.
+    fn reloaded(&mut self) {}
     /// Shutting down.
     fn stopping(&mut self) {}
 }
@@ -109,24 +114,31 @@ pub trait Notifier: Send {
 pub struct Silent;
 impl Notifier for Silent {}
 
-/// Runs the agent with the hardware on `board` until `shutdown` completes, then stops every module (each in-flight call ends
-/// within its fuel), flushes the store and leaves the status offline.
+/// The verifier a configuration asks for.
+fn verifier(config: &Config, engine: &wasmi::Engine) -> Result<Verifier, DaemonError> {
+    Ok(Verifier::new(load_trust(config)?, engine.clone())
+        .with_max_bundle_bytes(config.agent.max_bundle_bytes)
+        .for_device(DeviceIdentity {
+            id: config.device_id.clone(),
+            groups: config.groups.clone(),
+        }))
+}
+
+/// Runs the agent with the hardware on `board` until `shutdown` completes, then stops every
+/// module (each in-flight call ends within its fuel), flushes the store and leaves the status
+/// offline. Each configuration from `reloads` (SIGHUP) is applied as far as it can be without a
+/// restart.
 pub async fn run(
     config: Config,
     store: Store,
     board: Arc<Board>,
     shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
     notifier: &mut dyn Notifier,
 ) -> Result<(), DaemonError> {
     let topics = config.topics()?;
-    let trust = load_trust(&config)?;
     let runtime = Runtime::new(config.runtime).with_board(board);
-    let verifier = Verifier::new(trust, runtime.engine().clone())
-        .with_max_bundle_bytes(config.agent.max_bundle_bytes)
-        .for_device(DeviceIdentity {
-            id: config.device_id.clone(),
-            groups: config.groups.clone(),
-        });
+    let verifier = verifier(&config, runtime.engine())?;
     let pool = match config.agent.max_concurrent_calls {
         0 => GuestPool::for_this_machine(),
         n => GuestPool::new(n),
@@ -150,9 +162,10 @@ pub async fn run(
     let (events_tx, mut events) = mpsc::channel::<Event>(1024);
     let (runner_tx, mut runner_rx) = mpsc::channel::<RunnerEvent>(4096);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (subscriptions, subscriptions_rx) = watch::channel(topics.subscriptions());
     let connection = tokio::spawn(connection::run(
         eventloop,
-        topics.subscriptions(),
+        subscriptions_rx,
         connection::Backoff {
             min: Duration::from_millis(config.mqtt.reconnect_min_ms),
             max: Duration::from_millis(config.mqtt.reconnect_max_ms),
@@ -167,9 +180,8 @@ pub async fn run(
         .map(|(name, s)| (name, s.last_bundle_sha256))
         .collect();
     let mut sup = Supervisor {
-        status_interval: Duration::from_secs(config.agent.status_interval_s),
-        probation_ticks: config.agent.probation_ticks,
-        policy: config.restart,
+        config,
+        subscriptions,
         topics,
         store: Arc::new(store),
         runtime,
@@ -192,7 +204,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     // State changes publish the status at once; the figures (calls, fuel, memory) ride along with
     // the periodic report.
-    let mut status_timer = tokio::time::interval(sup.status_interval);
+    let mut status_timer =
+        tokio::time::interval(Duration::from_secs(sup.config.agent.status_interval_s));
     let mut alive = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -200,6 +213,13 @@ pub async fn run(
             Some(event) = events.recv() => sup.handle(event).await,
             Some(event) = runner_rx.recv() => sup.handle(Event::Runner(event)).await,
             _ = status_timer.tick() => sup.status_dirty = true,
+            Some(new) = reloads.recv() => {
+                notifier.reloading();
+                let interval = new.agent.status_interval_s;
+                sup.reload(new).await;
+                status_timer = tokio::time::interval(Duration::from_secs(interval));
+                notifier.reloaded();
+            }
             _ = alive.tick() => notifier.watchdog(),
         }
         if sup.status_dirty {
@@ -250,9 +270,10 @@ struct Slot {
 }
 
 struct Supervisor {
-    status_interval: Duration,
-    probation_ticks: u32,
-    policy: crate::core::policy::RestartPolicy,
+    /// The configuration in effect (the parts a reload can change are applied to it).
+    config: Config,
+    /// The filters the connection subscribes to on every (re)connect.
+    subscriptions: watch::Sender<Vec<String>>,
     topics: Topics,
     store: Arc<Store>,
     runtime: Runtime,
@@ -305,6 +326,85 @@ impl Supervisor {
     fn summary(&self) -> String {
         let running = self.slots.values().filter(|s| s.runner.is_some()).count();
         format!("{} modules installed, {running} running", self.slots.len())
+    }
+
+    /// Applies a new configuration: trusted keys, groups, agent and restart settings and runtime
+    /// limits (for instances started from now on) take effect; what needs a restart (device id,
+    /// broker, store, hardware, topic prefix) is reported and left as it was. Bundles refused
+    /// under the old configuration are evaluated again.
+    async fn reload(&mut self, mut new: Config) {
+        let old = &self.config;
+        let mut needs_restart = Vec::new();
+        if new.device_id != old.device_id {
+            needs_restart.push("device_id");
+            new.device_id.clone_from(&old.device_id);
+        }
+        if new.state_dir != old.state_dir || new.store != old.store {
+            needs_restart.push("state_dir/store");
+            new.state_dir.clone_from(&old.state_dir);
+            new.store = old.store;
+        }
+        if new.mqtt != old.mqtt {
+            needs_restart.push("mqtt");
+            new.mqtt = old.mqtt.clone();
+        }
+        if new.hardware != old.hardware {
+            needs_restart.push("hardware");
+            new.hardware = old.hardware.clone();
+        }
+        if new.agent.max_concurrent_calls != old.agent.max_concurrent_calls {
+            needs_restart.push("agent.max_concurrent_calls");
+            new.agent.max_concurrent_calls = old.agent.max_concurrent_calls;
+        }
+        if !needs_restart.is_empty() {
+            tracing::warn!(
+                "reload: {} changed; that takes effect after a restart",
+                needs_restart.join(", ")
+            );
+        }
+        let verifier = match verifier(&new, self.runtime.engine()) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!("reload refused, the configuration in effect stays: {e}");
+                return;
+            }
+        };
+        let topics = match new.topics() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("reload refused, the configuration in effect stays: {e}");
+                return;
+            }
+        };
+        if new.groups != self.config.groups {
+            let (before, after) = (self.topics.subscriptions(), topics.subscriptions());
+            for gone in before.iter().filter(|t| !after.contains(t)) {
+                let _ = self.client.try_unsubscribe(gone.clone());
+            }
+            for added in after.iter().filter(|t| !before.contains(t)) {
+                let _ = self.client.try_subscribe(added.clone(), QoS::AtLeastOnce);
+            }
+            self.subscriptions.send_replace(after);
+            self.reconciler
+                .regroup(|g| new.groups.iter().position(|x| x == g));
+        }
+        self.runtime = self.runtime.with_config(new.runtime);
+        self.verifier = Arc::new(verifier);
+        self.topics = topics;
+        self.config = new;
+        tracing::info!("configuration reloaded");
+        let store = Arc::clone(&self.store);
+        let accepted = blocking(move || store.seqs())
+            .await
+            .map(|seqs| {
+                seqs.into_iter()
+                    .map(|(m, s)| (m, s.last_bundle_sha256))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .unwrap_or_default();
+        let actions = self.reconciler.reconsider(|m| accepted.get(m).copied());
+        self.act(actions).await;
+        self.status_dirty = true;
     }
 
     /// Notes a store failure; one that leaves the store unusable stops the agent.
@@ -400,8 +500,8 @@ impl Supervisor {
         self.next_id += 1;
         let config = RunnerConfig {
             id,
-            policy: self.policy,
-            probation_ticks: probation.then_some(self.probation_ticks),
+            policy: self.config.restart,
+            probation_ticks: probation.then_some(self.config.agent.probation_ticks),
         };
         slot.runner = Some(runner::spawn(
             self.runtime.clone(),

@@ -293,6 +293,15 @@ impl Runtime {
         }
     }
 
+    /// The same engine, clock and board under other limits (a configuration reload): modules
+    /// prepared from now on get them.
+    pub fn with_config(&self, config: RuntimeConfig) -> Self {
+        Runtime {
+            config,
+            ..self.clone()
+        }
+    }
+
     /// Gives modules the hardware on `board` (as their manifests grant it).
     pub fn with_board(mut self, board: Arc<Board>) -> Self {
         self.board = board;
