@@ -463,7 +463,7 @@ pub async fn events(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliErro
                 if args.json {
                     writeln!(out, "{}", serde_json::to_string(&e).unwrap_or_default())?;
                 } else {
-                    writeln!(out, "{} {}", e.ts_ms, format_event(&e))?;
+                    writeln!(out, "{} {}", format_ts(e.ts_ms), format_event(&e))?;
                 }
                 out.flush()?;
                 Ok(true)
@@ -471,6 +471,28 @@ pub async fn events(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliErro
         )
         .await?;
     Ok(())
+}
+
+/// Unix milliseconds as UTC, `2026-11-25T17:02:03.123Z` (days to civil date after Howard
+/// Hinnant's algorithm).
+pub fn format_ts(ms: u64) -> String {
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = i64::try_from(days).unwrap_or(i64::MAX) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// An event on one line: kind, module, version, seq and reason.
@@ -505,7 +527,7 @@ pub async fn logs(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError>
                 let line = serde_json::json!({"module": module, "ts_ms": r.ts_ms, "level": r.level, "text": r.text});
                 writeln!(out, "{line}")?;
             } else {
-                writeln!(out, "{} {:<16} {:<5} {}", r.ts_ms, module, r.level, r.text)?;
+                writeln!(out, "{} {:<16} {:<5} {}", format_ts(r.ts_ms), module, r.level, r.text)?;
             }
             out.flush()?;
             Ok(true)
@@ -532,4 +554,16 @@ pub async fn telemetry(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliE
         })
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_read_as_utc() {
+        assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_ts(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_ts(1_795_630_263_139), "2026-11-25T18:11:03.139Z");
+    }
 }
