@@ -855,6 +855,12 @@ impl Supervisor {
                 report,
                 stats,
             } => {
+                // A call of a runner that was stopped since (a removal, an upgrade) is not
+                // reported: its module no longer runs, and nothing it published may appear after
+                // the removal's event and status.
+                if !self.slots.get(&module).is_some_and(|s| s.runner_id == id) {
+                    return;
+                }
                 for m in &report.messages {
                     let topic = self.topics.telemetry(&module, &m.topic);
                     if self
