@@ -858,7 +858,7 @@ impl Supervisor {
                 // A call of a runner that was stopped since (a removal, an upgrade) is not
                 // reported: its module no longer runs, and nothing it published may appear after
                 // the removal's event and status.
-                if !self.slots.get(&module).is_some_and(|s| s.runner_id == id) {
+                if self.slots.get(&module).is_none_or(|s| s.runner_id != id) {
                     return;
                 }
                 for m in &report.messages {
