@@ -1,11 +1,12 @@
 //! Example module: blinks an LED on GPIO line 17, toggling it every tick (500 ms in its manifest),
-//! through the SDK's embedded-hal pin.
+//! through the SDK's embedded-hal pin. After each toggle it reads the line back (`gpio_get`: on a
+//! Linux board, the level the kernel's GPIO driver reports) and logs both at debug level.
 
 #![no_std]
 
 use edge_sdk::hal::Pin;
-use edge_sdk::hal::embedded_hal::digital::{OutputPin, StatefulOutputPin};
-use edge_sdk::{Error, Module, error, info};
+use edge_sdk::hal::embedded_hal::digital::{InputPin, OutputPin, StatefulOutputPin};
+use edge_sdk::{Error, Module, debug, error, info};
 
 const LINE: u32 = 17;
 
@@ -25,8 +26,20 @@ impl Module for Blinky {
     }
 
     fn tick(&mut self) -> Result<(), Error> {
-        self.led.toggle()
+        self.led.toggle()?;
+        let driven = self.led.is_set_high()?;
+        let reads = self.led.is_high()?;
+        debug!(
+            "blinky: line {LINE} driven {}, reads {}",
+            level(driven),
+            level(reads)
+        );
+        Ok(())
     }
+}
+
+fn level(high: bool) -> &'static str {
+    if high { "high" } else { "low" }
 }
 
 edge_sdk::module!(Blinky);
