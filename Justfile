@@ -67,6 +67,13 @@ test-arm TARGET="aarch64-unknown-linux-gnu":
 deb TARGET="aarch64-unknown-linux-gnu":
     cross/build-deb {{TARGET}}
 
+# full-system tests in QEMU, images made from Debian's packages (tests/system/): the .deb under
+# systemd in an x86_64 Debian guest (notify, deploy, telemetry, BME280 on i2c-stub, watchdog,
+# reload, stop, reboot without broker) and blinky on a PL061 GPIO line under Debian's arm64
+# kernel; needs root; EDGE_SYSTEM_NO_KVM=1 forces TCG.
+test-system:
+    tests/system/run
+
 # checks of the systemd unit: verify (no output allowed) and the offline security rating
 systemd-check:
     cargo test --locked -p edge-agent --test it systemd
