@@ -72,21 +72,19 @@ need_packages() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-# Whether KVM can run a stock x86_64 guest (and is not switched off with EDGE_SYSTEM_NO_KVM=1):
-# /dev/kvm answers, and the CPU has hardware virtualization (VMX or SVM). A /dev/kvm without
-# them (for instance kvm-pvm, the pagetable-based KVM of some cloud sandboxes) runs only guests
-# built for it: QEMU aborts with `-cpu host` (MSR 0x10a) and a Debian kernel hangs otherwise.
-kvm_usable() {
-  [ "${EDGE_SYSTEM_NO_KVM:-0}" != 1 ] && [ -r /dev/kvm ] && [ -w /dev/kvm ] &&
-    grep -qwE 'vmx|svm' /proc/cpuinfo &&
-    python3 -c 'import fcntl, os; fcntl.ioctl(os.open("/dev/kvm", os.O_RDWR), 0xAE00)' 2>/dev/null
-}
-
-# Why kvm_usable said no, for the log.
+# Why KVM cannot run a stock x86_64 guest here; nothing when it can. It can when it is not
+# switched off with EDGE_SYSTEM_NO_KVM=1, /dev/kvm answers, and the CPU has hardware
+# virtualization (VMX or SVM). A /dev/kvm without them (for instance kvm-pvm, the pagetable-based
+# KVM of some cloud sandboxes) runs only guests built for it: QEMU aborts with `-cpu host`
+# (MSR 0x10a) and a Debian kernel hangs otherwise.
 kvm_why_not() {
   if [ "${EDGE_SYSTEM_NO_KVM:-0}" = 1 ]; then echo "EDGE_SYSTEM_NO_KVM=1"
-  elif [ ! -e /dev/kvm ]; then echo "no /dev/kvm"
+  elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then echo "no /dev/kvm this user can open"
   elif ! grep -qwE 'vmx|svm' /proc/cpuinfo; then echo "/dev/kvm without VMX/SVM (paravirtual KVM)"
-  else echo "/dev/kvm not usable"
+  elif ! python3 -c 'import fcntl, os; fcntl.ioctl(os.open("/dev/kvm", os.O_RDWR), 0xAE00)' 2>/dev/null; then
+    echo "/dev/kvm does not answer KVM_GET_API_VERSION"
   fi
 }
+
+# Whether the QEMU started as $qemu_pid has exited.
+qemu_gone() { ! kill -0 "$qemu_pid" 2>/dev/null; }
