@@ -339,7 +339,7 @@ fn a_verified_bundle_hands_back_its_manifest_and_wasm() {
         .verify(&b, NOW, |_| None)
         .unwrap();
     assert_eq!(v.manifest.name, "echo");
-    assert_eq!(v.wasm, Some(&wasm[..]));
+    assert_eq!(v.wasm_bytes(), Some(&wasm[..]));
     assert_eq!(
         v.key_id,
         edge_agent::core::keys::KeyId::of(&key(1).verifying_key())

@@ -30,14 +30,16 @@ fn caps(text: &str) -> Manifest {
 }
 
 fn host(board: Board, manifest: &Manifest) -> HostState {
-    HostState::new(
+    let mut s = HostState::new(
         vec![],
         None,
         Arc::new(FixedClock),
         HostLimits::default(),
         GuestLimiter::new(1 << 20, 16),
     )
-    .with_hardware(Hardware::new(Arc::new(board), &manifest.caps))
+    .with_hardware(Hardware::new(Arc::new(board), &manifest.caps));
+    s.start_call(1 << 40, std::time::Duration::from_secs(3600));
+    s
 }
 
 #[test]

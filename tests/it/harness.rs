@@ -17,7 +17,7 @@ pub fn key(seed: u8) -> SigningKey {
 /// A verifier trusting exactly `keys`.
 pub fn verifier(keys: &[&SigningKey]) -> Verifier {
     let trust = TrustSet::from_keys(keys.iter().map(|k| k.verifying_key())).unwrap();
-    Verifier::new(trust, edge_agent::engine::new())
+    Verifier::new(trust, edge_agent::engine::WasmLimits::default())
 }
 
 /// A small valid Wasm module.

@@ -2,12 +2,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod bombs;
 mod broker;
 mod bundles;
 mod daemon;
 mod edgectl;
 mod hardware;
 mod harness;
+mod hostile;
 mod run_module;
 mod runner;
 mod runtime;

@@ -143,3 +143,41 @@ fn blinky_toggles_the_simulated_led() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_module_cannot_drive_the_terminal_or_forge_a_line() {
+    let dir = crate::harness::tempdir();
+    let wasm = dir.path().join("forger.wasm");
+    let manifest = dir.path().join("forger.toml");
+    std::fs::write(
+        &wasm,
+        wat::parse_str(include_str!("hostile/log-forger.wat")).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&manifest, "name = \"forger\"\nversion = \"1\"\nseq = 1\n").unwrap();
+    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("run-module")
+        .arg(&wasm)
+        .arg("--manifest")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for control in ['\u{1b}', '\r', '\0'] {
+        assert!(
+            !stdout.contains(control),
+            "{control:?} reached the terminal: {stdout:?}"
+        );
+    }
+    // The forged summary stays inside the log line, escaped; only the real one starts a line.
+    assert!(
+        stdout.contains("\\u{1b}[2J\\rhidden\\r\\u{0}\\nsummary"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("summary")).count(),
+        1,
+        "{stdout}"
+    );
+}

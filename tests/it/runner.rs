@@ -206,6 +206,8 @@ async fn messages_reach_on_message_through_the_runner() {
 async fn fifty_modules_keep_ticking_while_a_hog_burns_its_budget() {
     let rt = Runtime::new(RuntimeConfig {
         max_fuel_per_call: u64::MAX,
+        // The hog must burn its budget, not stop at its deadline.
+        call_deadline_ms: 3_600_000,
         min_tick_interval_ms: 1,
         host: HostLimits {
             publish_rate: Rate {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use edge_agent::core::bundle;
 use edge_agent::core::manifest::{Action, Manifest, Sha256};
-use edge_agent::runtime::kv::{KvError, KvStore as _};
+use edge_agent::runtime::kv::{ENTRY_OVERHEAD, KvError, KvStore as _};
 use edge_agent::store::{
     InstallState, ModuleRecord, SCHEMA_VERSION, SeqRecord, Store, StoreError, StoredVersion,
 };
@@ -51,7 +51,13 @@ fn try_install(
 ) -> Result<ModuleRecord, StoreError> {
     let bundle = signed(manifest(name, seq), wasm, k);
     let verified = verifier(&[k]).verify(&bundle, 0, |_| None).unwrap();
-    store.install(&verified, Sha256::of(&bundle), NOW_MS + seq)
+    store.install(
+        &verified.manifest,
+        verified.key_id,
+        verified.wasm_bytes(),
+        Sha256::of(&bundle),
+        NOW_MS + seq,
+    )
 }
 
 fn sha(wasm: &[u8]) -> Sha256 {
@@ -226,7 +232,13 @@ fn install_refuses_a_removal_bundle() {
     let bundle = bundle::sign(m, None, &k, bundle::DEFAULT_MAX_BUNDLE_BYTES).unwrap();
     let verified = verifier(&[&k]).verify(&bundle, 0, |_| None).unwrap();
     let err = store
-        .install(&verified, Sha256::of(&bundle), NOW_MS)
+        .install(
+            &verified.manifest,
+            verified.key_id,
+            verified.wasm_bytes(),
+            Sha256::of(&bundle),
+            NOW_MS,
+        )
         .unwrap_err();
     assert!(matches!(err, StoreError::NotAnInstall { .. }), "{err}");
     assert_eq!(store.seq("demo").unwrap(), None);
@@ -458,57 +470,64 @@ fn a_blob_shared_by_two_modules_survives_the_removal_of_one() {
 
 #[test]
 fn kv_quota_is_enforced_and_used_bytes_are_right_after_reopen() {
+    // Every entry counts its key, its value and a fixed overhead.
+    const O: u64 = ENTRY_OVERHEAD;
     let tmp = tempdir();
     let k = key(1);
     {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &k, "demo", 1, &tiny_wasm());
         install(&store, &k, "other", 1, &tiny_wasm());
-        let mut kv = store.kv("demo", 20).unwrap();
-        assert_eq!(kv.quota_bytes(), 20);
+        let mut kv = store.kv("demo", 2 * O + 20).unwrap();
+        assert_eq!(kv.quota_bytes(), 2 * O + 20);
         kv.set(b"ab", b"cdef").unwrap();
         kv.set(b"x", b"0123456789").unwrap();
-        assert_eq!(kv.used_bytes(), 17);
+        assert_eq!(kv.used_bytes(), 2 * O + 17);
         assert_eq!(
             kv.set(b"y", b"1234"),
             Err(KvError::QuotaExceeded {
-                used: 17,
-                needed: 5,
-                quota: 20
+                used: 2 * O + 17,
+                needed: O + 5,
+                quota: 2 * O + 20
             })
         );
         // Shrinking is always allowed; growing counts only the growth.
         kv.set(b"x", b"0").unwrap();
-        assert_eq!(kv.used_bytes(), 8);
+        assert_eq!(kv.used_bytes(), 2 * O + 8);
         kv.set(b"x", b"012345678901").unwrap();
-        assert_eq!(kv.used_bytes(), 19);
+        assert_eq!(kv.used_bytes(), 2 * O + 19);
         assert!(kv.delete(b"ab").unwrap());
         assert!(!kv.delete(b"ab").unwrap());
-        assert_eq!(kv.used_bytes(), 13);
+        assert_eq!(kv.used_bytes(), O + 13);
         // Another module's store is separate.
-        let mut other = store.kv("other", 100).unwrap();
+        let mut other = store.kv("other", O + 100).unwrap();
         assert_eq!(other.get(b"x").unwrap(), None);
         other.set(b"x", b"mine").unwrap();
         drop((kv, other));
         store.flush().unwrap();
     }
     let store = Store::open(tmp.path(), CACHE).unwrap();
-    let mut kv = store.kv("demo", 20).unwrap();
-    assert_eq!(kv.used_bytes(), 13);
+    let mut kv = store.kv("demo", 2 * O + 20).unwrap();
+    assert_eq!(kv.used_bytes(), O + 13);
     assert_eq!(kv.get(b"x").unwrap().unwrap(), b"012345678901");
     assert!(matches!(
         kv.set(b"zz", b"123456"),
-        Err(KvError::QuotaExceeded { used: 13, .. })
+        Err(KvError::QuotaExceeded { used, .. }) if used == O + 13
     ));
     // A smaller quota after an upgrade: what is there stays, only shrinking writes pass.
     drop(kv);
     let mut kv = store.kv("demo", 5).unwrap();
-    assert_eq!(kv.used_bytes(), 13);
+    assert_eq!(kv.used_bytes(), O + 13);
     assert!(kv.set(b"x", b"0123456789012").is_err());
     kv.set(b"x", b"0").unwrap();
-    assert_eq!(kv.used_bytes(), 2);
+    assert_eq!(kv.used_bytes(), O + 2);
     assert_eq!(
-        store.kv("other", 100).unwrap().get(b"x").unwrap().unwrap(),
+        store
+            .kv("other", O + 100)
+            .unwrap()
+            .get(b"x")
+            .unwrap()
+            .unwrap(),
         b"mine"
     );
     assert!(matches!(
@@ -614,7 +633,11 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
     {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &key(1), "demo", 1, &w);
-        store.kv("demo", 100).unwrap().set(b"keep", b"me").unwrap();
+        store
+            .kv("demo", ENTRY_OVERHEAD + 100)
+            .unwrap()
+            .set(b"keep", b"me")
+            .unwrap();
         store.flush().unwrap();
     }
     // A blob written for an install that never committed, a half-written one, and the kv tree
@@ -988,7 +1011,15 @@ fn crash_worker(root: &Path) {
                     format!("install:{name}:{next_seq}"),
                     Box::new(move || {
                         let verified = v.verify(&bundle, 0, |_| None).unwrap();
-                        store.install(&verified, Sha256::of(&bundle), now).unwrap();
+                        store
+                            .install(
+                                &verified.manifest,
+                                verified.key_id,
+                                verified.wasm_bytes(),
+                                Sha256::of(&bundle),
+                                now,
+                            )
+                            .unwrap();
                     }),
                 )
             }

@@ -68,6 +68,7 @@ fuzz_target!(|data: &[u8]| {
         GuestLimiter::new(1 << 20, 16),
     )
     .with_hardware(hardware());
+    state.start_call(1 << 40, std::time::Duration::from_secs(3600));
     for chunk in script.chunks(25) {
         let w = |i: usize| word(chunk, 1 + 4 * i);
         let call = match chunk[0] % 13 {

@@ -15,7 +15,7 @@ fn verifier() -> &'static Verifier {
     V.get_or_init(|| {
         let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
         let trust = TrustSet::from_keys([key]).expect("fixed key is strong");
-        Verifier::new(trust, edge_agent::engine::new()).with_max_bundle_bytes(1 << 20)
+        Verifier::new(trust, edge_agent::engine::WasmLimits::default()).with_max_bundle_bytes(1 << 20)
     })
 }
 
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = verify::read_unverified(data, 1 << 20);
     if let Ok(v) = verifier().verify(data, 1_800_000_000, |_| Some(0)) {
         // Anything accepted must really carry what its manifest says.
-        if let (Some(wasm), Some(w)) = (v.wasm, v.manifest.wasm) {
+        if let (Some(wasm), Some(w)) = (v.wasm_bytes(), v.manifest.wasm) {
             assert_eq!(wasm.len() as u64, w.size);
         }
     }

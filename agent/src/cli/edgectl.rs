@@ -12,6 +12,7 @@ use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES, SignError};
 use crate::core::keys::{self, KeyError, KeyId, TrustSet};
 use crate::core::manifest::{Action, Manifest};
 use crate::core::verify::{self, Verifier, VerifyError};
+use crate::engine::WasmLimits;
 
 /// Largest key or manifest file read.
 const SMALL_FILE_MAX: u64 = 64 * 1024;
@@ -269,7 +270,7 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let u = verify::read_unverified(&bytes, args.max_bundle_bytes).map_err(invalid)?;
         (u.manifest, u.kid, false)
     } else {
-        let verifier = Verifier::new(read_trust_set(&args.trust)?, crate::engine::new())
+        let verifier = Verifier::new(read_trust_set(&args.trust)?, WasmLimits::default())
             .with_max_bundle_bytes(args.max_bundle_bytes);
         let v = verifier
             .verify(&bytes, unix_now(), |_| None)

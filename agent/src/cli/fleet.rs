@@ -14,6 +14,7 @@ use super::run_module::show_payload;
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
 use crate::core::manifest::{Action, Manifest, is_valid_module_name};
 use crate::core::protocol::{self, Event, LogRecord, Status};
+use crate::core::text::printable;
 use crate::core::topics::Topics;
 use crate::core::verify;
 use crate::mqtt::{self, BrokerUrl, ClientSettings, TlsFiles};
@@ -391,9 +392,9 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
     writeln!(
         out,
         "device {}  {}  agent {}  up {} s  report {:.1} s old{}",
-        s.device,
+        printable(&s.device),
         if s.online { "online" } else { "OFFLINE" },
-        s.agent_version,
+        printable(&s.agent_version),
         s.uptime_s,
         age as f64 / 1000.0,
         if s.dropped_messages > 0 {
@@ -429,8 +430,8 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
         writeln!(
             out,
             "{:<20} {:<10} {:>5} {:<12} {:>8} {:>9} {:>10} {:>14} {:>9} {:>8}  {}",
-            m.name,
-            m.version,
+            printable(&m.name),
+            printable(&m.version),
             m.seq,
             state,
             m.restarts,
@@ -439,7 +440,7 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             m.fuel_total,
             m.memory_bytes,
             m.kv_bytes,
-            note
+            printable(&note)
         )?;
     }
     if s.modules.is_empty() {
@@ -500,16 +501,27 @@ pub fn format_event(e: &Event) -> String {
     format!(
         "{:<12} {}{}{}{}",
         e.kind.as_str(),
-        e.module,
+        printable(&e.module),
         e.version
             .as_ref()
-            .map(|v| format!(" {v}"))
+            .map(|v| format!(" {}", printable(v)))
             .unwrap_or_default(),
         e.seq.map(|s| format!(" seq {s}")).unwrap_or_default(),
         e.reason
             .as_ref()
-            .map(|r| format!(": {r}"))
+            .map(|r| format!(": {}", printable(r)))
             .unwrap_or_default()
+    )
+}
+
+/// A module's log line on one line of a terminal: control characters in it are escaped.
+pub fn format_log(module: &str, r: &LogRecord) -> String {
+    format!(
+        "{} {:<16} {:<5} {}",
+        format_ts(r.ts_ms),
+        printable(module),
+        r.level,
+        printable(&r.text)
     )
 }
 
@@ -527,7 +539,7 @@ pub async fn logs(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliError>
                 let line = serde_json::json!({"module": module, "ts_ms": r.ts_ms, "level": r.level, "text": r.text});
                 writeln!(out, "{line}")?;
             } else {
-                writeln!(out, "{} {:<16} {:<5} {}", format_ts(r.ts_ms), module, r.level, r.text)?;
+                writeln!(out, "{}", format_log(module, &r))?;
             }
             out.flush()?;
             Ok(true)
@@ -547,7 +559,7 @@ pub async fn telemetry(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliE
                 let line = serde_json::json!({"topic": topic, "payload": String::from_utf8_lossy(payload)});
                 writeln!(out, "{line}")?;
             } else {
-                writeln!(out, "{topic} {}", show_payload(payload))?;
+                writeln!(out, "{} {}", printable(topic), show_payload(payload))?;
             }
             out.flush()?;
             Ok(true)
@@ -565,5 +577,29 @@ mod tests {
         assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(format_ts(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(format_ts(1_795_630_263_139), "2026-11-25T18:11:03.139Z");
+    }
+
+    #[test]
+    fn text_from_modules_and_devices_reaches_the_terminal_escaped() {
+        let log = LogRecord {
+            ts_ms: 0,
+            level: crate::runtime::host::LogLevel::Info,
+            text: "\u{1b}[2J\rforged\0\nline".into(),
+        };
+        let event = Event {
+            ts_ms: 0,
+            kind: protocol::EventKind::Rejected,
+            module: "m\u{1b}".into(),
+            version: Some("1\r".into()),
+            seq: Some(1),
+            reason: Some("bad\nforged".into()),
+        };
+        for line in [format_log("m", &log), format_event(&event)] {
+            assert!(
+                !line.chars().any(char::is_control),
+                "a control character reached the terminal: {line:?}"
+            );
+        }
+        assert!(format_log("m", &log).ends_with("\\u{1b}[2J\\rforged\\u{0}\\nline"));
     }
 }

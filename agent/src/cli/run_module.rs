@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::files;
 use crate::core::manifest::Manifest;
+use crate::core::text::printable;
 use crate::hal::{Board, HardwareConfig};
 use crate::runtime::host::{Clock as _, SystemClock};
 use crate::runtime::kv::MemoryKv;
@@ -102,7 +103,8 @@ pub fn run(
     let board = Board::open(hardware, Arc::new(|| SystemClock.now_ms()));
     let runtime = Runtime::new(config).with_board(Arc::new(board));
     let refused = |e: String| RunModuleError::Refused(e);
-    // The install checks a device makes (validation included).
+    // The install checks a device makes: structure, validation and translation, then the
+    // imports and exports against the manifest.
     let prepared = runtime
         .prepare(&manifest, &wasm)
         .map_err(|e| refused(e.to_string()))?;
@@ -184,13 +186,18 @@ pub fn run(
 fn print_report(out: &mut dyn Write, call: &str, r: &CallReport) -> std::io::Result<()> {
     writeln!(out, "{call:<12} {}, fuel {}", r.outcome, r.fuel_used)?;
     for line in &r.logs {
-        writeln!(out, "  log      {:<5} {}", line.level, line.text)?;
+        writeln!(
+            out,
+            "  log      {:<5} {}",
+            line.level,
+            printable(&line.text)
+        )?;
     }
     for m in &r.messages {
         writeln!(out, "  publish  {} {}", m.topic, show_payload(&m.payload))?;
     }
     for refusal in &r.refusals {
-        writeln!(out, "  refused  {refusal}")?;
+        writeln!(out, "  refused  {}", printable(&refusal.to_string()))?;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use coset::{
 };
 use ed25519_dalek::{Signer as _, SigningKey};
 
+use super::cbor;
 use super::keys::KeyId;
 use super::manifest::{Action, Manifest, ManifestProblem, Sha256, WasmRef};
 
@@ -338,13 +339,26 @@ pub fn sign(
     Ok(bundle)
 }
 
-/// Parses the tagged COSE_Sign1 (structure only, nothing verified).
+/// Parses the tagged COSE_Sign1 (structure only, nothing verified). The envelope and its
+/// protected header are walked within small bounds first ([`cbor`]), so the decoder builds a
+/// handful of values, whatever the bytes hold.
 pub(crate) fn parse_sign1(bytes: &[u8]) -> Result<coset::CoseSign1, String> {
+    cbor::check(bytes, cbor::COSE_SIGN1).map_err(|e| e.to_string())?;
+    // The protected header is CBOR inside a byte string: bounded too before coset decodes it.
+    let envelope = coset::cbor::Value::from_slice(bytes).map_err(|e| format!("{e:?}"))?;
+    if let coset::cbor::Value::Tag(_, inner) = &envelope
+        && let coset::cbor::Value::Array(items) = inner.as_ref()
+        && let Some(coset::cbor::Value::Bytes(protected)) = items.first()
+        && !protected.is_empty()
+    {
+        cbor::check(protected, cbor::COSE_SIGN1).map_err(|e| format!("protected header: {e}"))?;
+    }
     coset::CoseSign1::from_tagged_slice(bytes).map_err(|e| format!("{e:?}"))
 }
 
 /// Reads the `name` field out of an unverified CBOR manifest, for error messages only.
 pub(crate) fn peek_name(payload: &[u8]) -> Option<String> {
+    cbor::check(payload, cbor::DOCUMENT).ok()?;
     let value = coset::cbor::Value::from_slice(payload).ok()?;
     value
         .into_map()

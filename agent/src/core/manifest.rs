@@ -501,6 +501,7 @@ impl Manifest {
 
     /// Decodes a CBOR manifest.
     pub fn from_cbor(bytes: &[u8]) -> Result<Manifest, String> {
+        super::cbor::check(bytes, super::cbor::DOCUMENT).map_err(|e| e.to_string())?;
         let mut rest = bytes;
         let m = ciborium::from_reader(&mut rest).map_err(|e| e.to_string())?;
         if !rest.is_empty() {

@@ -4,11 +4,13 @@
 //! bytes, times and state.
 
 pub mod bundle;
+pub mod cbor;
 pub mod keys;
 pub mod manifest;
 pub mod policy;
 pub mod protocol;
 pub mod rate;
 pub mod reconcile;
+pub mod text;
 pub mod topics;
 pub mod verify;

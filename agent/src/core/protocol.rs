@@ -47,9 +47,16 @@ pub struct ModuleStatus {
     pub published: u64,
     /// Host calls refused for the current instance.
     pub refused: u64,
+    /// Inbox messages dropped since the agent started (inbox full, too large, not running).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub inbox_dropped: u64,
     /// The last failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The retained device status.
@@ -148,6 +155,8 @@ pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a CBOR payload (for `edgectl` and tests).
 pub fn from_cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    // Messages come from the broker: bounded before anything is built from them.
+    super::cbor::check(bytes, super::cbor::DOCUMENT).map_err(|e| e.to_string())?;
     ciborium::from_reader(bytes).map_err(|e| e.to_string())
 }
 
@@ -177,6 +186,7 @@ mod tests {
                 kv_bytes: 9,
                 published: 10,
                 refused: 11,
+                inbox_dropped: 3,
                 last_error: Some("tick: trapped".into()),
             }],
             dropped_messages: 0,

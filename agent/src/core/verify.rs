@@ -3,7 +3,9 @@
 //!
 //! The order is: size and container shape; COSE structure; algorithm EdDSA and a trusted `kid`
 //! in the protected header; the signature (strict Ed25519); then, on signed bytes only, the
-//! manifest's form, targets, expiry, sequence number, Wasm size, digest and validity.
+//! manifest's form, targets, expiry, sequence number, Wasm size and digest, then the Wasm itself
+//! through [`crate::engine::check`]: structure within the limits before anything is allocated
+//! from its counts, every function validated and translated, memory within the manifest's cap.
 
 use coset::iana;
 use ed25519_dalek::Signature;
@@ -11,6 +13,7 @@ use ed25519_dalek::Signature;
 use super::bundle::{self, ContainerError, DEFAULT_MAX_BUNDLE_BYTES};
 use super::keys::{KEY_ID_LEN, KeyId, TrustSet};
 use super::manifest::{Action, Manifest, ManifestProblem, Sha256};
+use crate::engine::{self, CheckError, CheckedWasm, WasmLimits};
 
 /// What a device is, for matching a bundle's `targets`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -28,8 +31,15 @@ pub struct Verified<'a> {
     pub manifest: Manifest,
     /// The key that signed it.
     pub key_id: KeyId,
+    /// The module bytes, checked, for installs.
+    pub wasm: Option<CheckedWasm<'a>>,
+}
+
+impl<'a> Verified<'a> {
     /// The module bytes, for installs.
-    pub wasm: Option<&'a [u8]>,
+    pub fn wasm_bytes(&self) -> Option<&'a [u8]> {
+        self.wasm.map(|w| w.bytes())
+    }
 }
 
 /// Why a bundle is refused. Each reason is its own variant; `module` is the module's name, marked
@@ -180,7 +190,7 @@ pub enum VerifyError {
         /// Module name.
         module: String,
     },
-    /// The Wasm fails validation.
+    /// The Wasm fails validation (or translation).
     #[error("bundle for module {module:?}: refused: the Wasm module does not validate: {reason}")]
     InvalidWasm {
         /// Module name.
@@ -188,26 +198,46 @@ pub enum VerifyError {
         /// Validator message.
         reason: String,
     },
+    /// The module's structure is above a limit, or would fail at instantiation.
+    #[error("bundle for module {module:?}: refused: the module's structure is refused: {reason}")]
+    Structure {
+        /// Module name.
+        module: String,
+        /// Which limit, or what would fail.
+        reason: String,
+    },
+    /// The module's initial memory is above the manifest's cap.
+    #[error(
+        "bundle for module {module:?}: refused: its memory starts with {initial} bytes, above the manifest's memory_max_bytes of {cap}"
+    )]
+    MemoryAboveCap {
+        /// Module name.
+        module: String,
+        /// Initial memory, bytes.
+        initial: u64,
+        /// The manifest's cap.
+        cap: u64,
+    },
 }
 
-/// The Wasm binary magic and version 1.
-pub const WASM_HEADER: [u8; 8] = *b"\0asm\x01\0\0\0";
+pub use crate::engine::WASM_HEADER;
 
 /// Verifies bundles for one device.
 #[derive(Debug, Clone)]
 pub struct Verifier {
     trust: TrustSet,
-    engine: wasmi::Engine,
+    limits: WasmLimits,
     max_bundle_bytes: usize,
     device: Option<DeviceIdentity>,
 }
 
 impl Verifier {
-    /// A verifier trusting `trust`, validating Wasm for `engine` (the engine modules will run on).
-    pub fn new(trust: TrustSet, engine: wasmi::Engine) -> Self {
+    /// A verifier trusting `trust`, checking Wasm against `limits` (the runtime's, so that what
+    /// passes here also runs: `RuntimeConfig::wasm_limits`).
+    pub fn new(trust: TrustSet, limits: WasmLimits) -> Self {
         Verifier {
             trust,
-            engine,
+            limits,
             max_bundle_bytes: DEFAULT_MAX_BUNDLE_BYTES,
             device: None,
         }
@@ -292,9 +322,12 @@ impl Verifier {
                 installed,
             });
         }
-        if let (Some(wasm), Some(declared)) = (wasm, manifest.wasm) {
-            self.check_wasm(&manifest.name, wasm, declared.size, declared.sha256)?;
-        }
+        let wasm = match (wasm, manifest.wasm) {
+            (Some(wasm), Some(declared)) => {
+                Some(self.check_wasm(&manifest, wasm, declared.size, declared.sha256)?)
+            }
+            _ => None,
+        };
         Ok(Verified {
             manifest,
             key_id,
@@ -378,14 +411,14 @@ impl Verifier {
         })
     }
 
-    fn check_wasm(
+    fn check_wasm<'a>(
         &self,
-        name: &str,
-        wasm: &[u8],
+        manifest: &Manifest,
+        wasm: &'a [u8],
         size: u64,
         sha256: Sha256,
-    ) -> Result<(), VerifyError> {
-        let module = || name.to_string();
+    ) -> Result<CheckedWasm<'a>, VerifyError> {
+        let module = || manifest.name.clone();
         if wasm.len() as u64 != size {
             return Err(VerifyError::WasmSizeMismatch {
                 module: module(),
@@ -401,13 +434,26 @@ impl Verifier {
                 actual,
             });
         }
-        if !wasm.starts_with(&WASM_HEADER) {
-            return Err(VerifyError::NotWasm { module: module() });
+        let checked = engine::check(wasm, &self.limits).map_err(|e| match e {
+            CheckError::NotWasm => VerifyError::NotWasm { module: module() },
+            CheckError::Structure(e) => VerifyError::Structure {
+                module: module(),
+                reason: e.to_string(),
+            },
+            CheckError::Invalid(reason) => VerifyError::InvalidWasm {
+                module: module(),
+                reason,
+            },
+        })?;
+        let initial = checked.shape().memory_bytes;
+        if initial > manifest.limits.memory_max_bytes {
+            return Err(VerifyError::MemoryAboveCap {
+                module: module(),
+                initial,
+                cap: manifest.limits.memory_max_bytes,
+            });
         }
-        wasmi::Module::validate(&self.engine, wasm).map_err(|e| VerifyError::InvalidWasm {
-            module: module(),
-            reason: e.to_string(),
-        })
+        Ok(checked)
     }
 }
 

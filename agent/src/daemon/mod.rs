@@ -24,11 +24,12 @@ use crate::core::protocol::{
     self, Event as DeployEvent, EventKind, LogRecord, ModuleState, ModuleStatus, Status,
 };
 use crate::core::reconcile::{Action, Offer, Reconciler};
+use crate::core::text::printable;
 use crate::core::topics::{Inbound, Scope, Topics};
 use crate::core::verify::{DeviceIdentity, Verifier};
 use crate::hal::Board;
 use crate::mqtt::{self, BrokerUrl, ClientSettings};
-use crate::runtime::host::{Clock as _, LogLevel, LogLine, SystemClock};
+use crate::runtime::host::{Clock as _, SystemClock};
 use crate::runtime::runner::{
     self, CallKind, GuestPool, RunState, RunnerConfig, RunnerEvent, RunnerHandle,
 };
@@ -115,13 +116,15 @@ pub struct Silent;
 impl Notifier for Silent {}
 
 /// The verifier a configuration asks for.
-fn verifier(config: &Config, engine: &wasmi::Engine) -> Result<Verifier, DaemonError> {
-    Ok(Verifier::new(load_trust(config)?, engine.clone())
-        .with_max_bundle_bytes(config.agent.max_bundle_bytes)
-        .for_device(DeviceIdentity {
-            id: config.device_id.clone(),
-            groups: config.groups.clone(),
-        }))
+fn verifier(config: &Config) -> Result<Verifier, DaemonError> {
+    Ok(
+        Verifier::new(load_trust(config)?, config.runtime.wasm_limits())
+            .with_max_bundle_bytes(config.agent.max_bundle_bytes)
+            .for_device(DeviceIdentity {
+                id: config.device_id.clone(),
+                groups: config.groups.clone(),
+            }),
+    )
 }
 
 /// Runs the agent with the hardware on `board` until `shutdown` completes, then stops every
@@ -138,7 +141,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let topics = config.topics()?;
     let runtime = Runtime::new(config.runtime).with_board(board);
-    let verifier = verifier(&config, runtime.engine())?;
+    let verifier = verifier(&config)?;
     let pool = match config.agent.max_concurrent_calls {
         0 => GuestPool::for_this_machine(),
         n => GuestPool::new(n),
@@ -260,6 +263,8 @@ pub async fn run(
 struct Slot {
     record: ModuleRecord,
     runner: Option<RunnerHandle>,
+    /// Inbox messages dropped by runners that have ended, and while none ran.
+    inbox_dropped: u64,
     runner_id: u64,
     prepared: Option<PreparedModule>,
     stats: InstanceStats,
@@ -267,6 +272,20 @@ struct Slot {
     detail: Option<String>,
     last_error: Option<String>,
     failed: bool,
+}
+
+impl Slot {
+    /// Takes the runner out, keeping its count of dropped messages.
+    fn take_runner(&mut self) -> Option<RunnerHandle> {
+        let runner = self.runner.take();
+        self.inbox_dropped += runner.as_ref().map_or(0, RunnerHandle::dropped);
+        runner
+    }
+
+    /// Inbox messages dropped for this module since the agent started.
+    fn inbox_dropped(&self) -> u64 {
+        self.inbox_dropped + self.runner.as_ref().map_or(0, RunnerHandle::dropped)
+    }
 }
 
 struct Supervisor {
@@ -362,7 +381,7 @@ impl Supervisor {
                 needs_restart.join(", ")
             );
         }
-        let verifier = match verifier(&new, self.runtime.engine()) {
+        let verifier = match verifier(&new) {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!("reload refused, the configuration in effect stays: {e}");
@@ -421,6 +440,7 @@ impl Supervisor {
             let mut slot = Slot {
                 record,
                 runner: None,
+                inbox_dropped: 0,
                 runner_id: 0,
                 prepared: None,
                 stats: InstanceStats::default(),
@@ -468,6 +488,8 @@ impl Supervisor {
         let sha = record.current.wasm_sha256();
         blocking(move || {
             let wasm = store.wasm(&sha).map_err(|e| e.to_string())?;
+            // Checked at install by this or an earlier agent; checked again against the limits
+            // in effect now, once per start.
             let prepared = runtime
                 .prepare(&manifest, &wasm)
                 .map_err(|e| e.to_string())?;
@@ -539,13 +561,22 @@ impl Supervisor {
     }
 
     fn deliver(&mut self, module: &str, topic: String, payload: Vec<u8>) {
-        match self.slots.get(module).and_then(|s| s.runner.as_ref()) {
+        let Some(slot) = self.slots.get_mut(module) else {
+            tracing::debug!("message for module {module}, which is not installed: dropped");
+            return;
+        };
+        match &slot.runner {
             Some(runner) => {
                 if let Err(e) = runner.deliver(topic, payload) {
                     tracing::warn!("{e}");
+                    self.status_dirty = true;
                 }
             }
-            None => tracing::debug!("message for module {module}, which is not running: dropped"),
+            None => {
+                slot.inbox_dropped += 1;
+                self.status_dirty = true;
+                tracing::debug!("message for module {module}, which is not running: dropped");
+            }
         }
     }
 
@@ -626,7 +657,7 @@ impl Supervisor {
             let prepared = match (verified.manifest.action, verified.wasm) {
                 (BundleAction::Install, Some(wasm)) => {
                     let prepared = runtime
-                        .prepare(&verified.manifest, wasm)
+                        .prepare_checked(&verified.manifest, wasm)
                         .map_err(|e| (true, e.to_string()))?;
                     // Two modules may not drive one output line.
                     runtime
@@ -637,7 +668,7 @@ impl Supervisor {
                 }
                 _ => None,
             };
-            Ok((verified.manifest.clone(), verified.key_id, verified.wasm.map(<[u8]>::to_vec), prepared))
+            Ok((verified.manifest.clone(), verified.key_id, verified.wasm_bytes().map(<[u8]>::to_vec), prepared))
         })
         .await;
         let (manifest, key_id, wasm, prepared) = match checked {
@@ -705,19 +736,12 @@ impl Supervisor {
         let name = manifest.name.clone();
         let caps = manifest.caps.clone();
         let store = Arc::clone(&self.store);
-        let record = blocking(move || {
-            let verified = crate::core::verify::Verified {
-                manifest,
-                key_id,
-                wasm: Some(&wasm),
-            };
-            store.install(&verified, sha, now_ms())
-        })
-        .await
-        .map_err(|e| {
-            self.store_error(&e);
-            format!("storage failed, the running version is untouched: {e}")
-        })?;
+        let record = blocking(move || store.install(&manifest, key_id, Some(&wasm), sha, now_ms()))
+            .await
+            .map_err(|e| {
+                self.store_error(&e);
+                format!("storage failed, the running version is untouched: {e}")
+            })?;
         tracing::info!(
             "module {name}: seq {} stored, starting on probation",
             record.current.manifest.seq
@@ -728,7 +752,7 @@ impl Supervisor {
         }
         let mut slot = match self.slots.remove(&name) {
             Some(mut old) => {
-                if let Some(runner) = old.runner.take() {
+                if let Some(runner) = old.take_runner() {
                     runner.stop().await;
                 }
                 old.record = record;
@@ -738,6 +762,7 @@ impl Supervisor {
             None => Slot {
                 record,
                 runner: None,
+                inbox_dropped: 0,
                 runner_id: 0,
                 prepared: None,
                 stats: InstanceStats::default(),
@@ -791,6 +816,7 @@ impl Supervisor {
         let mut slot = Slot {
             record,
             runner: None,
+            inbox_dropped: 0,
             runner_id: 0,
             prepared: None,
             stats: InstanceStats::default(),
@@ -872,21 +898,18 @@ impl Supervisor {
                     }
                 }
                 // Refused host calls go to the agent's log and the module's log topic, so an
-                // operator sees a module knocking on doors its manifest does not open.
-                let refusals = report.refusals.iter().map(|r| {
-                    tracing::warn!("module {module}: host call {r}");
-                    LogLine {
-                        level: LogLevel::Warn,
-                        text: format!("host call {r}"),
-                    }
-                });
-                for line in report.logs.iter().cloned().chain(refusals) {
+                // operator sees a module knocking on doors its manifest does not open: one
+                // summary per call at most, rate-limited per module (the runtime decides).
+                if let Some(summary) = &report.refusal_summary {
+                    tracing::warn!("module {module}: {}", printable(&summary.text));
+                }
+                for line in report.logs.iter().chain(&report.refusal_summary) {
                     let payload = protocol::to_cbor(&LogRecord {
                         ts_ms: now_ms(),
                         level: line.level,
                         text: line.text.clone(),
                     });
-                    tracing::debug!("module {module}: {} {}", line.level, line.text);
+                    tracing::debug!("module {module}: {} {}", line.level, printable(&line.text));
                     if self
                         .client
                         .try_publish(self.topics.logs(&module), QoS::AtMostOnce, false, payload)
@@ -945,7 +968,7 @@ impl Supervisor {
                             self.store_error(&e);
                         }
                         if let Some(slot) = self.slots.get_mut(&module) {
-                            if let Some(runner) = slot.runner.take() {
+                            if let Some(runner) = slot.take_runner() {
                                 runner.stop().await;
                             }
                             slot.record.state = InstallState::Quarantined {
@@ -962,10 +985,12 @@ impl Supervisor {
                     }
                     RunState::Failed { cause } => {
                         slot.failed = true;
-                        slot.runner = None;
+                        slot.take_runner();
                         slot.last_error = Some(cause);
                     }
-                    RunState::Stopped => slot.runner = None,
+                    RunState::Stopped => {
+                        slot.take_runner();
+                    }
                 }
             }
         }
@@ -998,7 +1023,7 @@ impl Supervisor {
         let Some(mut slot) = self.slots.remove(name) else {
             return;
         };
-        if let Some(runner) = slot.runner.take() {
+        if let Some(runner) = slot.take_runner() {
             runner.stop().await;
         }
         let failed_version = slot.record.current.manifest.version.clone();
@@ -1074,6 +1099,7 @@ impl Supervisor {
                     kv_bytes: s.stats.kv_bytes,
                     published: s.stats.host.published,
                     refused: s.stats.host.refused,
+                    inbox_dropped: s.inbox_dropped(),
                     last_error: s.last_error.clone(),
                 }
             })

@@ -3,7 +3,9 @@
 //!
 //! Every pointer and length is checked before use: lengths against the ABI's limits first
 //! (`TOO_LARGE`), then the range against the memory (`BAD_POINTER`). Everything a guest can make
-//! the host keep — log lines, messages, key-value bytes — is bounded per call and counted.
+//! the host keep — log lines, messages, key-value bytes — is bounded per call and counted, and
+//! every call is charged fuel by the work it does ([`super::fuel::price`]); calls that wait (a
+//! delay, a bus transfer, a store write) check the guest call's deadline.
 
 use std::fmt;
 use std::ops::Range;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 
 use edge_abi::{err, level, limits};
 
+use super::fuel::{Meter, Stop, price};
 use super::kv::{KvError, KvStore};
 use crate::core::manifest::{Caps, I2cGrant, SpiGrant, check_topic, topic_matches};
 use crate::core::rate::{Rate, TokenBucket};
@@ -130,6 +133,16 @@ pub struct HostLimits {
     pub max_log_lines_per_call: usize,
     /// Refused host calls after which the guest call is ended (a guest spinning on errors).
     pub max_refusals_per_call: u32,
+    /// Key-value writes and deletes allowed over time (storage wear).
+    pub kv_write_rate: Rate,
+    /// Key-value writes and deletes one guest call may make.
+    pub max_kv_writes_per_call: u32,
+    /// Key and value bytes one guest call may write.
+    pub max_kv_write_bytes_per_call: usize,
+    /// Random bytes one guest call may draw.
+    pub max_random_bytes_per_call: usize,
+    /// Summaries of refused host calls logged over time (one per guest call at most).
+    pub refusal_log_rate: Rate,
 }
 
 impl Default for HostLimits {
@@ -147,6 +160,17 @@ impl Default for HostLimits {
             max_message_bytes_per_call: 256 * 1024,
             max_log_lines_per_call: 256,
             max_refusals_per_call: 100,
+            kv_write_rate: Rate {
+                per_sec: 50,
+                burst: 200,
+            },
+            max_kv_writes_per_call: 64,
+            max_kv_write_bytes_per_call: 64 * 1024,
+            max_random_bytes_per_call: 64 * 1024,
+            refusal_log_rate: Rate {
+                per_sec: 1,
+                burst: 5,
+            },
         }
     }
 }
@@ -164,6 +188,8 @@ pub struct HostCounters {
     pub published_bytes: u64,
     /// Host calls that returned an error code (not counting "not found").
     pub refused: u64,
+    /// Summaries of refused host calls not logged (rate limit).
+    pub refusal_logs_dropped: u64,
 }
 
 /// The guest call was ended by the host: the guest kept making calls that were refused.
@@ -183,6 +209,48 @@ impl fmt::Display for Abort {
 
 impl std::error::Error for Abort {}
 impl wasmi::errors::HostError for Abort {}
+
+/// Why the host ended a guest call: the guest broke the host contract, or it ran out of fuel or
+/// time inside a host call. Carried through wasmi as the host error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Too many refused host calls, or a bad `edge_alloc` buffer.
+    Refused(Abort),
+    /// Out of fuel or past the deadline.
+    Stopped(Stop),
+}
+
+impl fmt::Display for Ended {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ended::Refused(a) => a.fmt(f),
+            Ended::Stopped(Stop::OutOfFuel) => f.write_str("out of fuel in a host call"),
+            Ended::Stopped(Stop::Deadline) => f.write_str("deadline exceeded"),
+        }
+    }
+}
+
+impl std::error::Error for Ended {}
+impl wasmi::errors::HostError for Ended {}
+
+/// How one host call failed: an error code for the guest, or the end of the guest call.
+#[derive(Debug)]
+enum Fail {
+    Code(i32, String),
+    Stop(Stop),
+}
+
+impl From<(i32, String)> for Fail {
+    fn from((code, reason): (i32, String)) -> Self {
+        Fail::Code(code, reason)
+    }
+}
+
+impl From<Stop> for Fail {
+    fn from(stop: Stop) -> Self {
+        Fail::Stop(stop)
+    }
+}
 
 /// One host call with its raw arguments, as the guest made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,13 +315,20 @@ pub struct HostState {
     limits: HostLimits,
     publish_bucket: TokenBucket,
     log_bucket: TokenBucket,
+    kv_bucket: TokenBucket,
+    refusal_log_bucket: TokenBucket,
     /// Queued for the caller, drained after each guest call.
     pub(super) messages: Vec<OutMessage>,
     message_bytes: usize,
     pub(super) logs: Vec<LogLine>,
     pub(super) refusals: Vec<Refusal>,
     refusals_this_call: u32,
-    delayed_us_this_call: u32,
+    delayed_us_this_call: u64,
+    random_bytes_this_call: usize,
+    kv_writes_this_call: u32,
+    kv_write_bytes_this_call: usize,
+    /// The guest call's fuel outside the store, and its deadline.
+    pub(super) meter: Meter,
     /// Lifetime counters.
     pub counters: HostCounters,
     /// The limiter (memory and table caps) wasmi consults.
@@ -285,6 +360,8 @@ impl HostState {
             kv,
             publish_bucket: TokenBucket::new(limits.publish_rate, now),
             log_bucket: TokenBucket::new(limits.log_rate, now),
+            kv_bucket: TokenBucket::new(limits.kv_write_rate, now),
+            refusal_log_bucket: TokenBucket::new(limits.refusal_log_rate, now),
             clock,
             limits,
             messages: Vec::new(),
@@ -293,6 +370,10 @@ impl HostState {
             refusals: Vec::new(),
             refusals_this_call: 0,
             delayed_us_this_call: 0,
+            random_bytes_this_call: 0,
+            kv_writes_this_call: 0,
+            kv_write_bytes_this_call: 0,
+            meter: Meter::default(),
             counters: HostCounters::default(),
             limiter,
             memory: None,
@@ -306,6 +387,13 @@ impl HostState {
         self
     }
 
+    /// Starts a guest call driven from outside an engine (tests, fuzzing): clears the per-call
+    /// bounds and gives the meter `fuel` and `deadline`, all of it in the meter's hands.
+    pub fn start_call(&mut self, fuel: u64, deadline: std::time::Duration) {
+        self.begin_call();
+        self.meter.begin(fuel, deadline);
+    }
+
     /// Clears the per-call bounds before a guest call.
     pub(super) fn begin_call(&mut self) {
         self.messages.clear();
@@ -314,7 +402,37 @@ impl HostState {
         self.refusals.clear();
         self.refusals_this_call = 0;
         self.delayed_us_this_call = 0;
+        self.random_bytes_this_call = 0;
+        self.kv_writes_this_call = 0;
+        self.kv_write_bytes_this_call = 0;
         self.limiter.denied = None;
+    }
+
+    /// One line summarising the host calls refused in the call that just ended, unless none
+    /// were refused or the summaries' rate limit holds it back (then it is counted).
+    pub(super) fn refusal_summary(&mut self) -> Option<LogLine> {
+        let n = self.refusals_this_call;
+        let first = self.refusals.first()?;
+        if !self.refusal_log_bucket.try_take(self.clock.now_ms()) {
+            self.counters.refusal_logs_dropped += 1;
+            return None;
+        }
+        let mut text = if n == 1 {
+            format!("host call {first}")
+        } else {
+            let last = self.refusals.last().unwrap_or(first);
+            format!("{n} host calls refused in one call; first: {first}; last kept: {last}")
+        };
+        if self.counters.refusal_logs_dropped > 0 {
+            text.push_str(&format!(
+                " ({} earlier summaries not logged: rate limit)",
+                self.counters.refusal_logs_dropped
+            ));
+        }
+        Some(LogLine {
+            level: LogLevel::Warn,
+            text: utf8_lossy_bounded(text.as_bytes(), limits::LOG_LINE_MAX as usize),
+        })
     }
 
     /// The module's key-value store.
@@ -327,9 +445,10 @@ impl HostState {
         self.kv.as_ref().map_or(0, |kv| kv.used_bytes())
     }
 
-    /// Runs one host call against `mem`. `Ok` carries the value returned to the guest (an `i32`
-    /// code widened, or `now_ms`); `Err` ends the guest call.
-    pub fn call(&mut self, mem: &mut [u8], call: HostCall) -> Result<i64, Abort> {
+    /// Runs one host call against `mem`, charging its fuel to the meter. `Ok` carries the value
+    /// returned to the guest (an `i32` code widened, or `now_ms`); `Err` ends the guest call.
+    pub fn call(&mut self, mem: &mut [u8], call: HostCall) -> Result<i64, Ended> {
+        self.meter.charge(price::CALL).map_err(Ended::Stopped)?;
         let (name, result) = match call {
             HostCall::Log(l, p, n) => (edge_abi::import::LOG, self.log(mem, l, p, n)),
             HostCall::NowMs => {
@@ -371,9 +490,26 @@ impl HostState {
         };
         match result {
             Ok(v) => Ok(i64::from(v)),
-            Err((code, _)) if code == err::NOT_FOUND => Ok(i64::from(code)),
-            Err((code, reason)) => self.refuse(name, code, reason).map(i64::from),
+            Err(Fail::Stop(stop)) => Err(Ended::Stopped(stop)),
+            Err(Fail::Code(code, _)) if code == err::NOT_FOUND => Ok(i64::from(code)),
+            Err(Fail::Code(code, reason)) => self
+                .refuse(name, code, reason)
+                .map(i64::from)
+                .map_err(Ended::Refused),
         }
+    }
+
+    /// Charges `cost` fuel for the work a call is about to do.
+    fn pay(&mut self, cost: u64) -> Result<(), Stop> {
+        self.meter.charge(cost)
+    }
+
+    /// After a call that may have waited: ends the guest call if its deadline passed meanwhile.
+    fn check_deadline(&self) -> Result<(), Stop> {
+        if self.meter.past_deadline() {
+            return Err(Stop::Deadline);
+        }
+        Ok(())
     }
 
     fn refuse(&mut self, call: &'static str, code: i32, reason: String) -> Result<i32, Abort> {
@@ -404,14 +540,15 @@ impl HostState {
         // Long lines are cut, not refused: read at most LOG_LINE_MAX bytes of them.
         let range = range(mem, ptr, len, u32::MAX, "log line")?;
         let keep = range.len().min(limits::LOG_LINE_MAX as usize);
+        self.pay(price::LOG_LINE + price::copied(keep))?;
         let bytes = &mem[range.start..range.start + keep];
         if self.logs.len() >= self.limits.max_log_lines_per_call {
             self.counters.log_dropped += 1;
-            return Err((err::BUSY, "too many log lines in one call".into()));
+            return Err((err::BUSY, "too many log lines in one call".to_string()).into());
         }
         if !self.log_bucket.try_take(self.clock.now_ms()) {
             self.counters.log_dropped += 1;
-            return Err((err::RATE_LIMITED, "log rate exceeded".into()));
+            return Err((err::RATE_LIMITED, "log rate exceeded".to_string()).into());
         }
         self.counters.log_lines += 1;
         self.logs.push(LogLine {
@@ -421,8 +558,9 @@ impl HostState {
         Ok(err::OK)
     }
 
-    /// Sleeps the calling thread (a guest-pool thread, never the reactor), bounded per call and
-    /// per guest call.
+    /// Sleeps the calling thread (a guest-pool thread, never the reactor), bounded per call, per
+    /// guest call (counting the time really slept, which is longer than asked for short sleeps)
+    /// and by the guest call's deadline.
     fn delay_us(&mut self, us: i32) -> HostResult {
         let us = u32::try_from(us)
             .map_err(|_| (err::BAD_ARGUMENT, format!("negative delay {us} us")))?;
@@ -433,25 +571,42 @@ impl HostState {
                     "a delay of {us} us is above the limit of {} us",
                     limits::DELAY_MAX_US
                 ),
-            ));
+            )
+                .into());
         }
-        let total = self.delayed_us_this_call.saturating_add(us);
-        if total > limits::DELAY_PER_CALL_MAX_US {
+        let cap = u64::from(limits::DELAY_PER_CALL_MAX_US);
+        if self.delayed_us_this_call + u64::from(us) > cap {
             return Err((
                 err::BUSY,
-                format!(
-                    "delays in one guest call would exceed {} us",
-                    limits::DELAY_PER_CALL_MAX_US
-                ),
-            ));
+                format!("delays in one guest call would exceed {cap} us"),
+            )
+                .into());
         }
-        self.delayed_us_this_call = total;
-        std::thread::sleep(std::time::Duration::from_micros(u64::from(us)));
+        self.pay(u64::from(us).max(price::DELAY_MIN_US) * price::DELAY_US)?;
+        let asked = std::time::Duration::from_micros(u64::from(us));
+        let left = self.meter.time_left();
+        let started = std::time::Instant::now();
+        std::thread::sleep(asked.min(left));
+        let slept = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.delayed_us_this_call = self.delayed_us_this_call.saturating_add(slept);
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
     fn random(&mut self, mem: &mut [u8], ptr: i32, len: i32) -> HostResult {
         let range = range(mem, ptr, len, limits::RANDOM_MAX, "random buffer")?;
+        if self.random_bytes_this_call + range.len() > self.limits.max_random_bytes_per_call {
+            return Err((
+                err::BUSY,
+                format!(
+                    "more than {} random bytes in one guest call",
+                    self.limits.max_random_bytes_per_call
+                ),
+            )
+                .into());
+        }
+        self.pay(price::RANDOM_CALL + range.len() as u64 * price::RANDOM_BYTE)?;
+        self.random_bytes_this_call += range.len();
         getrandom::fill(&mut mem[range])
             .map_err(|e| (err::UNAVAILABLE, format!("random source failed: {e}")))?;
         Ok(err::OK)
@@ -460,6 +615,7 @@ impl HostState {
     fn publish(&mut self, mem: &[u8], tp: i32, tl: i32, pp: i32, pl: i32) -> HostResult {
         let topic = range(mem, tp, tl, limits::TOPIC_MAX, "topic")?;
         let payload = range(mem, pp, pl, limits::PAYLOAD_MAX, "payload")?;
+        self.pay(price::PUBLISH + price::copied(topic.len() + payload.len()))?;
         let topic = std::str::from_utf8(&mem[topic])
             .map_err(|_| (err::BAD_ARGUMENT, "topic is not UTF-8".to_string()))?;
         check_topic(topic).map_err(|e| (err::BAD_ARGUMENT, e))?;
@@ -470,15 +626,16 @@ impl HostState {
                     "topic {topic:?} is not granted by caps.publish {:?}",
                     self.publish
                 ),
-            ));
+            )
+                .into());
         }
         if self.messages.len() >= self.limits.max_messages_per_call
             || self.message_bytes + payload.len() > self.limits.max_message_bytes_per_call
         {
-            return Err((err::BUSY, "outgoing queue full for this call".into()));
+            return Err((err::BUSY, "outgoing queue full for this call".to_string()).into());
         }
         if !self.publish_bucket.try_take(self.clock.now_ms()) {
-            return Err((err::RATE_LIMITED, "publish rate exceeded".into()));
+            return Err((err::RATE_LIMITED, "publish rate exceeded".to_string()).into());
         }
         self.message_bytes += payload.len();
         self.counters.published += 1;
@@ -499,30 +656,67 @@ impl HostState {
     fn kv_get(&mut self, mem: &mut [u8], kp: i32, kl: i32, bp: i32, bc: i32) -> HostResult {
         let key = key_range(mem, kp, kl)?;
         let buf = range(mem, bp, bc, u32::MAX, "value buffer")?;
+        self.pay(price::KV_READ + price::copied(key.len()))?;
         let key = mem[key].to_vec();
         let value = self.kv()?.get(&key).map_err(kv_error)?;
         let Some(value) = value else {
-            return Err((err::NOT_FOUND, "no such key".into()));
+            return Err((err::NOT_FOUND, "no such key".to_string()).into());
         };
         if value.len() <= buf.len() {
+            self.pay(price::copied(value.len()))?;
             mem[buf.start..buf.start + value.len()].copy_from_slice(&value);
         }
         Ok(i32::try_from(value.len()).unwrap_or(i32::MAX))
     }
 
+    /// Admits one key-value write of `bytes` (key plus value): per-call count and bytes, the
+    /// write rate, then its price.
+    fn admit_write(&mut self, bytes: usize) -> Result<(), Fail> {
+        if self.kv_writes_this_call >= self.limits.max_kv_writes_per_call
+            || self.kv_write_bytes_this_call + bytes > self.limits.max_kv_write_bytes_per_call
+        {
+            return Err((
+                err::BUSY,
+                format!(
+                    "more than {} key-value writes or {} bytes written in one guest call",
+                    self.limits.max_kv_writes_per_call, self.limits.max_kv_write_bytes_per_call
+                ),
+            )
+                .into());
+        }
+        self.pay(price::KV_WRITE + bytes as u64 * price::KV_BYTE_WRITTEN)?;
+        if !self.kv_bucket.try_take(self.clock.now_ms()) {
+            return Err((
+                err::RATE_LIMITED,
+                "key-value write rate exceeded".to_string(),
+            )
+                .into());
+        }
+        self.kv_writes_this_call += 1;
+        self.kv_write_bytes_this_call += bytes;
+        Ok(())
+    }
+
     fn kv_set(&mut self, mem: &[u8], kp: i32, kl: i32, vp: i32, vl: i32) -> HostResult {
         let key = key_range(mem, kp, kl)?;
         let value = range(mem, vp, vl, limits::KV_VALUE_MAX, "value")?;
+        self.kv()?;
+        self.admit_write(key.len() + value.len())?;
         self.kv()?.set(&mem[key], &mem[value]).map_err(kv_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
     fn kv_delete(&mut self, mem: &[u8], kp: i32, kl: i32) -> HostResult {
         let key = key_range(mem, kp, kl)?;
-        if self.kv()?.delete(&mem[key]).map_err(kv_error)? {
+        self.kv()?;
+        self.admit_write(key.len())?;
+        let existed = self.kv()?.delete(&mem[key]).map_err(kv_error)?;
+        self.check_deadline()?;
+        if existed {
             Ok(err::OK)
         } else {
-            Err((err::NOT_FOUND, "no such key".into()))
+            Err((err::NOT_FOUND, "no such key".to_string()).into())
         }
     }
 }
@@ -593,37 +787,46 @@ impl HostState {
 
     fn gpio_set(&mut self, line: i32, value: i32) -> HostResult {
         let line = self.granted_line(line)?;
+        self.pay(price::HARDWARE_CALL)?;
         let (direction, dev) = self.board()?.gpio(line).map_err(board_error)?;
         if direction != Direction::Output {
             return Err((
                 err::BAD_ARGUMENT,
                 format!("gpio line {line} is an input and cannot be driven"),
-            ));
+            )
+                .into());
         }
         lock(dev).set(value != 0).map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
     fn gpio_get(&mut self, line: i32) -> HostResult {
         let line = self.granted_line(line)?;
+        self.pay(price::HARDWARE_CALL)?;
         let (_, dev) = self.board()?.gpio(line).map_err(board_error)?;
         let high = lock(dev).get().map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(i32::from(high))
     }
 
     fn i2c_write(&mut self, mem: &[u8], bus: i32, addr: i32, p: i32, n: i32) -> HostResult {
         let (bus, addr) = self.granted_i2c(bus, addr)?;
         let r = range(mem, p, n, limits::I2C_MAX, "i2c write buffer")?;
+        self.pay(price::HARDWARE_CALL + r.len() as u64 * price::BUS_BYTE)?;
         let dev = self.board()?.i2c(bus).map_err(board_error)?;
         lock(dev).write(addr, &mem[r]).map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
     fn i2c_read(&mut self, mem: &mut [u8], bus: i32, addr: i32, p: i32, n: i32) -> HostResult {
         let (bus, addr) = self.granted_i2c(bus, addr)?;
         let r = range(mem, p, n, limits::I2C_MAX, "i2c read buffer")?;
+        self.pay(price::HARDWARE_CALL + r.len() as u64 * price::BUS_BYTE)?;
         let dev = self.board()?.i2c(bus).map_err(board_error)?;
         lock(dev).read(addr, &mut mem[r]).map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
@@ -638,12 +841,14 @@ impl HostState {
         let (bus, addr) = self.granted_i2c(bus, addr)?;
         let w = range(mem, wp, wn, limits::I2C_MAX, "i2c write buffer")?;
         let r = range(mem, rp, rn, limits::I2C_MAX, "i2c read buffer")?;
+        self.pay(price::HARDWARE_CALL + (w.len() + r.len()) as u64 * price::BUS_BYTE)?;
         let dev = self.board()?.i2c(bus).map_err(board_error)?;
         // The two ranges may overlap; the bytes to write are copied out first.
         let bytes = mem[w].to_vec();
         lock(dev)
             .write_read(addr, &bytes, &mut mem[r])
             .map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 
@@ -659,9 +864,11 @@ impl HostState {
         let (bus, cs) = self.granted_spi(bus, cs)?;
         let w = range(mem, wp, n, limits::SPI_MAX, "spi write buffer")?;
         let r = range(mem, rp, n, limits::SPI_MAX, "spi read buffer")?;
+        self.pay(price::HARDWARE_CALL + r.len() as u64 * price::SPI_BYTE)?;
         let dev = self.board()?.spi(bus, cs).map_err(board_error)?;
         let bytes = mem[w].to_vec();
         lock(dev).transfer(&mut mem[r], &bytes).map_err(hal_error)?;
+        self.check_deadline()?;
         Ok(err::OK)
     }
 }
@@ -680,7 +887,7 @@ fn hal_error(e: HalError) -> (i32, String) {
     (e.abi_code(), e.to_string())
 }
 
-type HostResult = Result<i32, (i32, String)>;
+type HostResult = Result<i32, Fail>;
 
 fn kv_error(e: KvError) -> (i32, String) {
     match e {
@@ -755,13 +962,17 @@ mod tests {
     }
 
     fn state(limits: HostLimits) -> HostState {
-        HostState::new(
+        let mut s = HostState::new(
             vec!["t/#".into()],
-            Some(Box::new(MemoryKv::new(64))),
+            Some(Box::new(MemoryKv::new(
+                crate::runtime::kv::ENTRY_OVERHEAD + 64,
+            ))),
             Arc::new(FixedClock(1_000)),
             limits,
             GuestLimiter::new(65536, 10),
-        )
+        );
+        s.meter.begin(1 << 40, std::time::Duration::from_secs(3600));
+        s
     }
 
     fn mem_with(at: usize, bytes: &[u8]) -> Vec<u8> {
@@ -917,7 +1128,7 @@ mod tests {
         );
         assert_eq!(s.call(&mut mem, HostCall::DelayUs(10)), Ok(0));
         // Pretend the call already slept almost its whole allowance.
-        s.delayed_us_this_call = limits::DELAY_PER_CALL_MAX_US - 5;
+        s.delayed_us_this_call = u64::from(limits::DELAY_PER_CALL_MAX_US) - 5;
         assert_eq!(
             s.call(&mut mem, HostCall::DelayUs(10)),
             Ok(i64::from(err::BUSY))
@@ -936,7 +1147,9 @@ mod tests {
         for _ in 0..3 {
             assert!(s.call(&mut mem, HostCall::Random(0, 100)).is_ok());
         }
-        let abort = s.call(&mut mem, HostCall::Random(0, 100)).unwrap_err();
+        let Err(Ended::Refused(abort)) = s.call(&mut mem, HostCall::Random(0, 100)) else {
+            panic!("the fourth refusal ends the call");
+        };
         assert_eq!(abort.call, "random");
         assert_eq!(s.refusals.len(), 4);
     }
@@ -950,6 +1163,7 @@ mod tests {
             HostLimits::default(),
             GuestLimiter::new(65536, 10),
         );
+        s.meter.begin(1 << 40, std::time::Duration::from_secs(3600));
         let mut mem = vec![b'a'; 16];
         assert_eq!(
             s.call(&mut mem, HostCall::KvGet(0, 1, 0, 1)),

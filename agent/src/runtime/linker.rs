@@ -176,13 +176,20 @@ pub(super) fn check_exports(module: &str, m: &Module) -> Result<(), InstallError
     Ok(())
 }
 
+/// Runs a host call with the store's fuel in the host state's meter, so the call is charged by
+/// its work (and can end the guest call when the fuel or the deadline runs out).
 fn host(caller: &mut Caller<'_, HostState>, call: HostCall) -> Result<i64, wasmi::Error> {
     let memory = caller
         .data()
         .memory
         .ok_or_else(|| wasmi::Error::new("host call before the instance was ready"))?;
-    let (mem, state) = memory.data_and_store_mut(caller);
-    state.call(mem, call).map_err(wasmi::Error::host)
+    let fuel = caller.get_fuel()?;
+    let (mem, state) = memory.data_and_store_mut(&mut *caller);
+    state.meter.store = fuel;
+    let result = state.call(mem, call);
+    let left = state.meter.store;
+    caller.set_fuel(left)?;
+    result.map_err(wasmi::Error::host)
 }
 
 /// Narrows a host result that is an ABI return code (always within i32).

@@ -1,12 +1,15 @@
-//! The sandboxed module runtime: one wasmi engine; per module its own store with a fuel budget per
-//! call, a memory cap, one memory, one table and one instance; host ABI v1 linked only as the
-//! manifest grants it. A guest call ends in an [`Outcome`] — a value, never an agent error.
+//! The sandboxed module runtime: per module its own wasmi engine and store, a fuel budget and a
+//! wall-clock deadline per call, a memory cap, one memory, one table and one instance; host ABI
+//! v1 linked only as the manifest grants it. A guest call ends in an [`Outcome`] — a value, never
+//! an agent error.
 //!
-//! - [`Runtime::prepare`] compiles and checks a module against its manifest (imports granted,
-//!   exports well typed, initial memory under the cap); every refusal names the import or export.
+//! - [`Runtime::prepare`] compiles a module that passed [`crate::engine::check`] and checks it
+//!   against its manifest (imports granted, exports well typed, initial memory under the cap);
+//!   every refusal names the import or export.
 //! - [`Runtime::instantiate`] makes a fresh [`ModuleInstance`]; a restart is a new instance.
 //! - `runner` drives instances on blocking threads with restart backoff and quarantine.
 
+pub mod fuel;
 pub mod host;
 pub mod kv;
 pub mod limiter;
@@ -15,17 +18,20 @@ pub mod runner;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use edge_abi::{export, limits};
 use serde::{Deserialize, Serialize};
-use wasmi::{Memory, Store, TrapCode, TypedFunc};
+use wasmi::{Memory, Store, TrapCode, TypedFunc, TypedResumableCall, WasmParams, WasmResults};
 
+use self::fuel::Stop;
 use self::host::{
-    Abort, Clock, Hardware, HostCounters, HostLimits, HostState, KvStoreDebug, LogLine, OutMessage,
-    Refusal,
+    Abort, Clock, Ended, Hardware, HostCounters, HostLimits, HostState, KvStoreDebug, LogLine,
+    OutMessage, Refusal,
 };
 use self::limiter::GuestLimiter;
 use crate::core::manifest::Manifest;
+use crate::engine::{CheckedWasm, StructureLimits, WasmLimits};
 use crate::hal::Board;
 
 /// Wasm page size.
@@ -45,8 +51,14 @@ pub struct RuntimeConfig {
     pub max_kv_quota_bytes: u64,
     /// Shortest tick period, in milliseconds.
     pub min_tick_interval_ms: u64,
+    /// Wall-clock deadline of an `init` call, milliseconds.
+    pub init_deadline_ms: u64,
+    /// Wall-clock deadline of a `tick` or `on_message` call, milliseconds.
+    pub call_deadline_ms: u64,
     /// Rates and per-call bounds on host calls.
     pub host: HostLimits,
+    /// Limits on a module's structure (functions, imports, globals, segments, ...).
+    pub structure: StructureLimits,
 }
 
 impl Default for RuntimeConfig {
@@ -57,7 +69,10 @@ impl Default for RuntimeConfig {
             max_table_elements: 10_000,
             max_kv_quota_bytes: 1 << 20,
             min_tick_interval_ms: 10,
+            init_deadline_ms: 5_000,
+            call_deadline_ms: 1_000,
             host: HostLimits::default(),
+            structure: StructureLimits::default(),
         }
     }
 }
@@ -76,6 +91,15 @@ pub struct EffectiveLimits {
 }
 
 impl RuntimeConfig {
+    /// The limits every module's structure is checked against ([`crate::engine::check`]).
+    pub fn wasm_limits(&self) -> WasmLimits {
+        WasmLimits {
+            structure: self.structure,
+            max_table_elements: self.max_table_elements,
+            max_memory_bytes: self.max_memory_bytes,
+        }
+    }
+
     /// Clamps a manifest's limits by this configuration.
     pub fn clamp(&self, m: &Manifest) -> EffectiveLimits {
         let tick = m.limits.tick_interval_ms;
@@ -95,6 +119,14 @@ impl RuntimeConfig {
 /// Why a module cannot be installed (or instantiated). Each names the module and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InstallError {
+    /// The Wasm fails [`crate::engine::check`]: not Wasm, a structure limit, invalid.
+    #[error("module {module:?}: {source}")]
+    Check {
+        /// Module name.
+        module: String,
+        /// Why.
+        source: crate::engine::CheckError,
+    },
     /// The Wasm does not compile.
     #[error("module {module:?}: the Wasm does not compile: {reason}")]
     Compile {
@@ -181,6 +213,11 @@ pub enum Outcome {
         /// The cap.
         cap: u64,
     },
+    /// The call's wall-clock deadline passed.
+    DeadlineExceeded {
+        /// The deadline, milliseconds.
+        deadline_ms: u64,
+    },
     /// The host ended the call (the guest broke the host contract).
     HostCallRefused {
         /// The call.
@@ -208,6 +245,9 @@ impl fmt::Display for Outcome {
                 f,
                 "memory growth refused: {desired} bytes asked for, the cap is {cap} bytes"
             ),
+            Outcome::DeadlineExceeded { deadline_ms } => {
+                write!(f, "deadline exceeded ({deadline_ms} ms)")
+            }
             Outcome::HostCallRefused { call, reason } => {
                 write!(f, "host call refused: {call}: {reason}")
             }
@@ -228,6 +268,9 @@ pub struct CallReport {
     pub messages: Vec<OutMessage>,
     /// Host calls that returned an error code (the first few).
     pub refusals: Vec<Refusal>,
+    /// One line summing up the refused host calls, for the agent's and the module's log; `None`
+    /// when none were refused or the summaries' rate limit held it back.
+    pub refusal_summary: Option<LogLine>,
 }
 
 /// Why a message was not delivered; the module is not at fault and was not called.
@@ -246,10 +289,12 @@ pub enum DeliverError {
     },
 }
 
-/// A compiled module that passed every install-time check.
+/// A compiled module that passed every install-time check, with its own engine (which holds the
+/// code wasmi translates for it and goes away with the last clone).
 #[derive(Debug, Clone)]
 pub struct PreparedModule {
     name: String,
+    engine: wasmi::Engine,
     module: wasmi::Module,
     publish: Vec<String>,
     hardware: Hardware,
@@ -273,28 +318,26 @@ impl PreparedModule {
     }
 }
 
-/// The runtime: one engine and the agent's limits.
+/// The runtime: the agent's limits, the clock and the board modules see.
 #[derive(Debug, Clone)]
 pub struct Runtime {
-    engine: wasmi::Engine,
     config: RuntimeConfig,
     clock: Arc<dyn Clock>,
     board: Arc<Board>,
 }
 
 impl Runtime {
-    /// A runtime with its own engine (`crate::engine::new`) and the system clock.
+    /// A runtime with the system clock and no hardware.
     pub fn new(config: RuntimeConfig) -> Self {
         Runtime {
-            engine: crate::engine::new(),
             config,
             clock: Arc::new(host::SystemClock),
             board: Arc::new(Board::empty()),
         }
     }
 
-    /// The same engine, clock and board under other limits (a configuration reload): modules
-    /// prepared from now on get them.
+    /// The same clock and board under other limits (a configuration reload): modules prepared
+    /// from now on get them.
     pub fn with_config(&self, config: RuntimeConfig) -> Self {
         Runtime {
             config,
@@ -319,33 +362,45 @@ impl Runtime {
         self
     }
 
-    /// The engine (bundle verification validates Wasm against it).
-    pub fn engine(&self) -> &wasmi::Engine {
-        &self.engine
-    }
-
     /// The configuration.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
     }
 
-    /// Validates and compiles `wasm` and checks it against `manifest`: every import known, of the right type
-    /// and granted; the ABI marker, memory and handler exports present and well typed; initial
-    /// memory within the cap.
+    /// Checks `wasm` ([`crate::engine::check`] against this runtime's limits), then prepares it
+    /// ([`Runtime::prepare_checked`]): for Wasm that did not come through bundle verification
+    /// (the store at start, `run-module`, tests).
     pub fn prepare(
         &self,
         manifest: &Manifest,
         wasm: &[u8],
     ) -> Result<PreparedModule, InstallError> {
+        let checked = crate::engine::check(wasm, &self.config.wasm_limits()).map_err(|source| {
+            InstallError::Check {
+                module: manifest.name.clone(),
+                source,
+            }
+        })?;
+        self.prepare_checked(manifest, checked)
+    }
+
+    /// Compiles checked Wasm (lazily, in an engine of its own) and checks it against `manifest`:
+    /// every import known, of the right type and granted; the ABI marker, memory and handler
+    /// exports present and well typed; initial memory within the cap.
+    pub fn prepare_checked(
+        &self,
+        manifest: &Manifest,
+        wasm: CheckedWasm<'_>,
+    ) -> Result<PreparedModule, InstallError> {
         let name = manifest.name.clone();
-        let compile_error = |e: wasmi::Error| InstallError::Compile {
-            module: name.clone(),
-            reason: e.to_string(),
-        };
-        // The engine compiles lazily; validate everything now so that no invalid function is
-        // ever installed, whoever the caller is.
-        wasmi::Module::validate(&self.engine, wasm).map_err(compile_error)?;
-        let module = wasmi::Module::new(&self.engine, wasm).map_err(compile_error)?;
+        let engine = crate::engine::runtime_engine();
+        // `engine::check` validated and translated every function with the same features and
+        // limits; this parses the sections and leaves translation to each function's first call.
+        let module =
+            wasmi::Module::new(&engine, wasm.bytes()).map_err(|e| InstallError::Compile {
+                module: name.clone(),
+                reason: e.to_string(),
+            })?;
         let limits = self.config.clamp(manifest);
         for import in module.imports() {
             linker::check_import(&name, &import, manifest)?;
@@ -369,6 +424,7 @@ impl Runtime {
         }
         Ok(PreparedModule {
             name,
+            engine,
             module,
             publish: manifest.caps.publish.clone(),
             hardware: Hardware::new(Arc::clone(&self.board), &manifest.caps),
@@ -396,10 +452,9 @@ impl Runtime {
             limiter,
         )
         .with_hardware(prepared.hardware.clone());
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(&prepared.engine, state);
         store.limiter(|s| &mut s.limiter);
-        set_fuel(&mut store, prepared.limits.fuel_per_call);
-        let linker = linker::linker_for(&name, &self.engine, &prepared.module)?;
+        let linker = linker::linker_for(&name, &prepared.engine, &prepared.module)?;
         let fail = |reason: String| InstallError::Instantiate {
             module: name.clone(),
             reason,
@@ -445,6 +500,8 @@ impl Runtime {
             on_message,
             alloc,
             limits: prepared.limits,
+            init_deadline: Duration::from_millis(self.config.init_deadline_ms),
+            call_deadline: Duration::from_millis(self.config.call_deadline_ms),
             calls: 0,
             fuel_last: 0,
             fuel_total: 0,
@@ -488,6 +545,8 @@ pub struct ModuleInstance {
     on_message: Option<TypedFunc<(i32, i32, i32, i32), i32>>,
     alloc: Option<TypedFunc<i32, i32>>,
     limits: EffectiveLimits,
+    init_deadline: Duration,
+    call_deadline: Duration,
     calls: u64,
     fuel_last: u64,
     fuel_total: u64,
@@ -526,16 +585,20 @@ impl ModuleInstance {
         }
     }
 
-    /// Calls `init` (a module without one is ready at once).
+    /// Calls `init` (a module without one is ready at once), under the init deadline.
     pub fn init(&mut self) -> CallReport {
         let f = self.init;
-        self.call(|store| f.map_or(Ok(0), |f| f.call(store, ())))
+        self.call(self.init_deadline, |store| {
+            f.map_or(Ok(0), |f| run(store, f, ()))
+        })
     }
 
     /// Calls `tick` (a module without one does nothing).
     pub fn tick(&mut self) -> CallReport {
         let f = self.tick;
-        self.call(|store| f.map_or(Ok(0), |f| f.call(store, ())))
+        self.call(self.call_deadline, |store| {
+            f.map_or(Ok(0), |f| run(store, f, ()))
+        })
     }
 
     /// Hands a message to `on_message`: topic (relative to the module's inbox) and payload are
@@ -561,10 +624,10 @@ impl ModuleInstance {
             )));
         }
         let memory = self.memory;
-        Ok(self.call(|store| {
+        Ok(self.call(self.call_deadline, |store| {
             let (tp, tl) = place(store, memory, alloc, topic.as_bytes())?;
             let (pp, pl) = place(store, memory, alloc, payload)?;
-            on_message.call(store, (tp, tl, pp, pl))
+            run(store, on_message, (tp, tl, pp, pl))
         }))
     }
 
@@ -573,18 +636,17 @@ impl ModuleInstance {
     /// `i32` result other than 0 is *not* a failure here: the caller interprets it.
     pub fn call_export(&mut self, name: &str, arg: i32) -> Option<(CallReport, i64)> {
         let func = self.instance.get_func(&self.store, name)?;
-        let mut result = [wasmi::Val::I64(0)];
-        let ty = func.ty(&self.store);
-        if ty.params() != [wasmi::ValType::I32] || ty.results().len() != 1 {
+        let narrow = func.typed::<i32, i32>(&self.store).ok();
+        let wide = func.typed::<i32, i64>(&self.store).ok();
+        if narrow.is_none() && wide.is_none() {
             return None;
         }
         let mut value = 0;
-        let report = self.call(|store| {
-            func.call(&mut *store, &[wasmi::Val::I32(arg)], &mut result)?;
-            value = match result[0] {
-                wasmi::Val::I32(v) => i64::from(v),
-                wasmi::Val::I64(v) => v,
-                _ => 0,
+        let report = self.call(self.call_deadline, |store| {
+            value = match (narrow, wide) {
+                (Some(f), _) => i64::from(run(store, f, arg)?),
+                (None, Some(f)) => run(store, f, arg)?,
+                (None, None) => 0,
             };
             Ok(0)
         });
@@ -593,17 +655,21 @@ impl ModuleInstance {
 
     fn call(
         &mut self,
+        deadline: Duration,
         f: impl FnOnce(&mut Store<HostState>) -> Result<i32, wasmi::Error>,
     ) -> CallReport {
         let budget = self.limits.fuel_per_call;
-        self.store.data_mut().begin_call();
-        set_fuel(&mut self.store, budget);
+        let state = self.store.data_mut();
+        state.begin_call();
+        let first = state.meter.begin(budget, deadline);
+        set_fuel(&mut self.store, first);
         let result = f(&mut self.store);
-        let fuel_used = budget.saturating_sub(self.store.get_fuel().unwrap_or(0));
+        let left = self.store.get_fuel().unwrap_or(0);
+        let state = self.store.data_mut();
+        let fuel_used = state.meter.used(left);
         self.calls += 1;
         self.fuel_last = fuel_used;
         self.fuel_total = self.fuel_total.saturating_add(fuel_used);
-        let state = self.store.data_mut();
         let outcome = match result {
             Ok(0) => Outcome::Finished,
             Ok(code) => Outcome::Failed { code },
@@ -614,9 +680,55 @@ impl ModuleInstance {
             fuel_used,
             logs: std::mem::take(&mut state.logs),
             messages: std::mem::take(&mut state.messages),
+            refusal_summary: state.refusal_summary(),
             refusals: std::mem::take(&mut state.refusals),
         }
     }
+}
+
+/// Runs `f` to its end in fuel slices: whenever the store runs dry the deadline is checked and
+/// the next slice of the call's budget handed over, so a guest that only computes is stopped
+/// within one slice of its deadline.
+fn run<P: WasmParams, R: WasmResults>(
+    store: &mut Store<HostState>,
+    f: TypedFunc<P, R>,
+    params: P,
+) -> Result<R, wasmi::Error> {
+    let mut call = f.call_resumable(&mut *store, params)?;
+    loop {
+        call = match call {
+            TypedResumableCall::Finished(result) => return Ok(result),
+            TypedResumableCall::HostTrap(trap) => {
+                // The typed handle lends its error; the host's own errors are `Ended` values.
+                let error = trap.host_error();
+                return Err(match error.downcast_ref::<Ended>() {
+                    Some(ended) => wasmi::Error::host(ended.clone()),
+                    None => wasmi::Error::new(error.to_string()),
+                });
+            }
+            TypedResumableCall::OutOfFuel(paused) => {
+                let have = store.get_fuel().unwrap_or(0);
+                match store.data_mut().meter.refill(have, paused.required_fuel()) {
+                    Ok(add) => {
+                        set_fuel(store, have.saturating_add(add));
+                        paused.resume(&mut *store)?
+                    }
+                    Err(stop) => return Err(wasmi::Error::host(Ended::Stopped(stop))),
+                }
+            }
+        };
+    }
+}
+
+/// Charges fuel for work the host does between guest functions (placing a message).
+fn charge(store: &mut Store<HostState>, cost: u64) -> Result<(), wasmi::Error> {
+    let have = store.get_fuel().unwrap_or(0);
+    let meter = &mut store.data_mut().meter;
+    meter.store = have;
+    let charged = meter.charge(cost);
+    let left = meter.store;
+    set_fuel(store, left);
+    charged.map_err(|stop| wasmi::Error::host(Ended::Stopped(stop)))
 }
 
 /// Copies `bytes` into guest memory at a buffer the guest allocates; an empty slice needs none.
@@ -631,12 +743,12 @@ fn place(
     if len == 0 {
         return Ok((0, 0));
     }
-    let ptr = alloc.call(&mut *store, len)?;
+    let ptr = run(store, alloc, len)?;
     let refused = |reason: String| {
-        wasmi::Error::host(Abort {
+        wasmi::Error::host(Ended::Refused(Abort {
             call: export::ALLOC,
             reason,
-        })
+        }))
     };
     if ptr == 0 {
         return Err(refused(format!("could not allocate {len} bytes")));
@@ -645,15 +757,25 @@ fn place(
     let range = host::range(mem, ptr, len, u32::MAX, "allocation")
         .map_err(|(_, reason)| refused(format!("returned a bad buffer: {reason}")))?;
     mem[range].copy_from_slice(bytes);
+    charge(store, fuel::price::copied(bytes.len()))?;
     Ok((ptr, len))
 }
 
 fn classify(e: &wasmi::Error, state: &HostState, budget: u64) -> Outcome {
-    if let Some(abort) = e.downcast_ref::<Abort>() {
-        return Outcome::HostCallRefused {
-            call: abort.call.to_string(),
-            reason: abort.reason.clone(),
-        };
+    match e.downcast_ref::<Ended>() {
+        Some(Ended::Refused(abort)) => {
+            return Outcome::HostCallRefused {
+                call: abort.call.to_string(),
+                reason: abort.reason.clone(),
+            };
+        }
+        Some(Ended::Stopped(Stop::OutOfFuel)) => return Outcome::OutOfFuel { budget },
+        Some(Ended::Stopped(Stop::Deadline)) => {
+            return Outcome::DeadlineExceeded {
+                deadline_ms: state.meter.deadline_ms,
+            };
+        }
+        None => {}
     }
     if let Some(denied) = state.limiter.denied {
         return Outcome::MemoryRefused {

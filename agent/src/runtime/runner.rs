@@ -5,6 +5,7 @@
 //! failure ends the runner, so the caller can roll back.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -57,7 +58,9 @@ impl GuestPool {
         });
         match task.await {
             Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down and this task goes with it.
+            Err(_) => std::future::pending().await,
         }
     }
 }
@@ -140,8 +143,8 @@ pub enum RunnerEvent {
         module: String,
         /// Which export.
         call: CallKind,
-        /// What it did.
-        report: CallReport,
+        /// What it did (boxed: the event channel holds many small events).
+        report: Box<CallReport>,
         /// The instance's figures after it.
         stats: InstanceStats,
     },
@@ -171,11 +174,21 @@ enum Command {
 pub struct RunnerHandle {
     module: String,
     commands: mpsc::Sender<Command>,
+    inbox: Arc<Inbox>,
     task: tokio::task::JoinHandle<Option<Box<dyn KvStoreDebug>>>,
 }
 
 /// Messages queued per module before `deliver` reports the module busy.
 const INBOX_DEPTH: usize = 32;
+/// Topic and payload bytes queued per module before `deliver` reports the module busy.
+pub const INBOX_BYTES: usize = 256 * 1024;
+
+/// What a module's inbox holds, shared by the handle (which admits) and the runner (which takes).
+#[derive(Debug, Default)]
+struct Inbox {
+    bytes: AtomicUsize,
+    dropped: AtomicU64,
+}
 
 /// Why a message could not be queued.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +199,14 @@ pub enum QueueError {
     /// The runner has ended.
     #[error("module {0:?} is not running, message dropped")]
     Gone(String),
+    /// The topic or payload is above the ABI's limits.
+    #[error("module {module:?}: message dropped: {reason}")]
+    TooLarge {
+        /// Module name.
+        module: String,
+        /// Which limit.
+        reason: String,
+    },
 }
 
 impl RunnerHandle {
@@ -194,14 +215,55 @@ impl RunnerHandle {
         &self.module
     }
 
-    /// Queues a message for `on_message` (bounded; never waits).
+    /// Queues a message for `on_message`, bounded in count and bytes and checked against the
+    /// ABI's limits on arrival; never waits. A message refused is counted ([`Self::dropped`]).
     pub fn deliver(&self, topic: String, payload: Vec<u8>) -> Result<(), QueueError> {
+        let refuse = |e: QueueError| {
+            self.inbox.dropped.fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        };
+        let too_large = |reason: String| QueueError::TooLarge {
+            module: self.module.clone(),
+            reason,
+        };
+        if topic.len() > edge_abi::limits::TOPIC_MAX as usize {
+            return refuse(too_large(format!(
+                "topic of {} bytes, above the limit of {}",
+                topic.len(),
+                edge_abi::limits::TOPIC_MAX
+            )));
+        }
+        if payload.len() > edge_abi::limits::PAYLOAD_MAX as usize {
+            return refuse(too_large(format!(
+                "payload of {} bytes, above the limit of {}",
+                payload.len(),
+                edge_abi::limits::PAYLOAD_MAX
+            )));
+        }
+        let size = topic.len() + payload.len();
+        let admitted =
+            self.inbox
+                .bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                    (queued + size <= INBOX_BYTES).then_some(queued + size)
+                });
+        if admitted.is_err() {
+            return refuse(QueueError::Full(self.module.clone()));
+        }
         self.commands
             .try_send(Command::Deliver { topic, payload })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => QueueError::Full(self.module.clone()),
-                mpsc::error::TrySendError::Closed(_) => QueueError::Gone(self.module.clone()),
+            .or_else(|e| {
+                self.inbox.bytes.fetch_sub(size, Ordering::AcqRel);
+                refuse(match e {
+                    mpsc::error::TrySendError::Full(_) => QueueError::Full(self.module.clone()),
+                    mpsc::error::TrySendError::Closed(_) => QueueError::Gone(self.module.clone()),
+                })
             })
+    }
+
+    /// Messages refused for this module's inbox so far (full, too large, not running).
+    pub fn dropped(&self) -> u64 {
+        self.inbox.dropped.load(Ordering::Relaxed)
     }
 
     /// Restarts the module with a clean failure record (an operator's restart, also out of
@@ -253,7 +315,9 @@ pub fn spawn(
 ) -> RunnerHandle {
     let (commands, rx) = mpsc::channel(INBOX_DEPTH);
     let module = prepared.name().to_string();
+    let inbox = Arc::new(Inbox::default());
     let runner = Runner {
+        inbox: Arc::clone(&inbox),
         runtime,
         pool,
         prepared,
@@ -268,11 +332,13 @@ pub fn spawn(
     RunnerHandle {
         module,
         commands,
+        inbox,
         task,
     }
 }
 
 struct Runner {
+    inbox: Arc<Inbox>,
     runtime: Runtime,
     pool: GuestPool,
     prepared: PreparedModule,
@@ -308,6 +374,22 @@ impl Runner {
                 restarts: self.restarts,
             })
             .await;
+    }
+
+    /// The next command; a message taken leaves the inbox's byte count.
+    async fn next_command(&mut self) -> Option<Command> {
+        let cmd = self.commands.recv().await;
+        if let Some(Command::Deliver { topic, payload }) = &cmd {
+            self.inbox
+                .bytes
+                .fetch_sub(topic.len() + payload.len(), Ordering::AcqRel);
+        }
+        cmd
+    }
+
+    /// A message that arrived while the module was not running is dropped, and counted.
+    fn count_dropped(&self) {
+        self.inbox.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
     fn now_ms(&self) -> u64 {
@@ -384,8 +466,8 @@ impl Runner {
         loop {
             tokio::select! {
                 () = &mut deadline => return None,
-                cmd = self.commands.recv() => match cmd {
-                    Some(Command::Deliver { .. }) => {}
+                cmd = self.next_command() => match cmd {
+                    Some(Command::Deliver { .. }) => self.count_dropped(),
                     Some(other) => return Some(other),
                     None => return Some(Command::Stop),
                 },
@@ -395,8 +477,8 @@ impl Runner {
 
     async fn wait_for_restart(&mut self) -> Command {
         loop {
-            match self.commands.recv().await {
-                Some(Command::Deliver { .. }) => {}
+            match self.next_command().await {
+                Some(Command::Deliver { .. }) => self.count_dropped(),
                 Some(other) => return other,
                 None => return Command::Stop,
             }
@@ -440,7 +522,7 @@ impl Runner {
                         return (instance.into_kv(), end);
                     }
                 }
-                cmd = self.commands.recv() => match cmd {
+                cmd = self.next_command() => match cmd {
                     Some(Command::Deliver { topic, payload }) => {
                         let (back, result) = self
                             .call(instance, CallKind::Message, move |i| i.deliver(&topic, &payload))
@@ -483,7 +565,7 @@ impl Runner {
                     id: self.config.id,
                     module: self.name(),
                     call: kind,
-                    report: report.clone(),
+                    report: Box::new(report.clone()),
                     stats: instance.stats(),
                 })
                 .await;

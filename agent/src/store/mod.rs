@@ -58,8 +58,8 @@ use sled::transaction::{
     TransactionalTree,
 };
 
+use crate::core::keys::KeyId;
 use crate::core::manifest::{Action, Manifest, Sha256, is_valid_module_name};
-use crate::core::verify::Verified;
 
 pub use kv::SledKv;
 
@@ -480,12 +480,13 @@ impl Store {
     /// name, and anything but an install carrying its Wasm. Flushed before it returns.
     pub fn install(
         &self,
-        verified: &Verified<'_>,
+        m: &Manifest,
+        key_id: KeyId,
+        wasm: Option<&[u8]>,
         bundle_sha256: Sha256,
         now_ms: u64,
     ) -> Result<ModuleRecord, StoreError> {
         self.usable()?;
-        let m = &verified.manifest;
         let name = m.name.as_str();
         check_name(name)?;
         let not_install = |reason: &str| StoreError::NotAnInstall {
@@ -495,7 +496,7 @@ impl Store {
         if m.action != Action::Install {
             return Err(not_install("the manifest's action is remove"));
         }
-        let (Some(wasm), Some(wasm_ref)) = (verified.wasm, m.wasm) else {
+        let (Some(wasm), Some(wasm_ref)) = (wasm, m.wasm) else {
             return Err(not_install("it carries no Wasm module or digest"));
         };
         let sha = wasm_ref.sha256;
@@ -522,7 +523,7 @@ impl Store {
             })?;
         let version = StoredVersion {
             manifest: m.clone(),
-            key_id_hex: verified.key_id.to_string(),
+            key_id_hex: key_id.to_string(),
             bundle_sha256,
             installed_at_ms: now_ms,
         };
@@ -1136,7 +1137,6 @@ fn decode_count(sha: &Sha256, bytes: &[u8]) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::keys::KeyId;
     use crate::core::manifest::WasmRef;
     use crate::runtime::kv::{KvError, KvStore as _};
 
@@ -1160,12 +1160,10 @@ mod tests {
     }
 
     fn install(store: &Store, name: &str, seq: u64, wasm: &[u8]) -> ModuleRecord {
-        let verified = Verified {
-            manifest: manifest(name, seq, wasm),
-            key_id: KeyId([7; 8]),
-            wasm: Some(wasm),
-        };
-        store.install(&verified, Sha256::of(b"bundle"), 1).unwrap()
+        let m = manifest(name, seq, wasm);
+        store
+            .install(&m, KeyId([7; 8]), Some(wasm), Sha256::of(b"bundle"), 1)
+            .unwrap()
     }
 
     #[test]
@@ -1173,11 +1171,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path(), 1 << 20).unwrap();
         install(&store, "demo", 1, WASM);
-        let mut old = store.kv("demo", 100).unwrap();
+        let mut old = store.kv("demo", 1000).unwrap();
         old.set(b"k", b"old life").unwrap();
         store.remove("demo", 2, Sha256::of(b"r")).unwrap();
         install(&store, "demo", 3, WASM);
-        let new = store.kv("demo", 100).unwrap();
+        let new = store.kv("demo", 1000).unwrap();
         let late = old.set(b"k", b"late write");
         assert!(
             matches!(&late, Err(KvError::Storage(m)) if m.contains("\"demo\"")),
@@ -1278,12 +1276,16 @@ mod tests {
     fn install_refuses_wasm_that_does_not_match_its_digest() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path(), 1 << 20).unwrap();
-        let verified = Verified {
-            manifest: manifest("demo", 1, WASM),
-            key_id: KeyId([7; 8]),
-            wasm: Some(b"\0asm\x01\0\0\x01"),
-        };
-        let err = store.install(&verified, Sha256::of(b"b"), 1).unwrap_err();
+        let m = manifest("demo", 1, WASM);
+        let err = store
+            .install(
+                &m,
+                KeyId([7; 8]),
+                Some(b"\0asm\x01\0\0\x01"),
+                Sha256::of(b"b"),
+                1,
+            )
+            .unwrap_err();
         assert!(matches!(err, StoreError::NotAnInstall { .. }), "{err}");
         assert_eq!(store.seq("demo").unwrap(), None);
     }

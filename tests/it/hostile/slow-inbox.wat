@@ -1,0 +1,17 @@
+;; Takes messages, and spends 300 ms on each: its inbox fills while it works.
+(module
+  (import "edge" "delay_us" (func $delay (param i32) (result i32)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "edge_abi_v1"))
+  (func (export "edge_alloc") (param $n i32) (result i32) (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $n)))
+    (if (i32.gt_u (global.get $next) (i32.const 131072))
+      (then (global.set $next (i32.add (i32.const 1024) (local.get $n))) (local.set $p (i32.const 1024))))
+    local.get $p)
+  (func (export "on_message") (param i32 i32 i32 i32) (result i32)
+    (drop (call $delay (i32.const 100000)))
+    (drop (call $delay (i32.const 100000)))
+    (drop (call $delay (i32.const 100000)))
+    i32.const 0))
