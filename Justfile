@@ -46,11 +46,14 @@ build:
 modules:
     modules/build
 
-# benchmarks: runtime (cold start, fuel overhead, host calls, memory per module) and daemon
-# (deploy latency against an MQTT round trip, agent RSS; needs mosquitto)
+# benchmarks: runtime (cold start, fuel overhead, host calls, memory per module), containment
+# (host-call prices against plain Wasm, the worst call at the default limits, peak memory of
+# checking hostile structures, RSS across 1,000 upgrades) and daemon (deploy latency against an
+# MQTT round trip, agent RSS; needs mosquitto)
 bench: modules
     cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime
+    cargo bench --locked -p edge-agent --bench containment
     cargo bench --locked -p edge-agent --bench daemon
 
 # release build of edge-agent and edgectl for an ARM target, without Docker (Debian's cross gcc)

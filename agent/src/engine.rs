@@ -6,6 +6,9 @@
 //! later (a function it cannot compile, too many locals, a block type above the limits) is
 //! refused at verification, once per bundle. The engine is dropped with the compiled code.
 //!
+//! [`compile`] then parses checked bytes for the runtime without validating them a second time
+//! (functions are translated lazily, on their first call).
+//!
 //! Modules run each in an engine of their own ([`runtime_engine`]): wasmi keeps the code it
 //! compiles for the life of its engine, so one shared engine would grow with every upgrade,
 //! rejected bundle and restart; a module's engine goes away with the module.
@@ -93,6 +96,22 @@ fn config(mode: wasmi::CompilationMode) -> wasmi::Config {
 /// whole module was validated and translated once by [`check`] before).
 pub fn runtime_engine() -> wasmi::Engine {
     wasmi::Engine::new(&config(wasmi::CompilationMode::Lazy))
+}
+
+/// Compiles checked Wasm for `engine` (a [`runtime_engine`]) without validating it again: the
+/// sections are parsed now, each function translated on its first call. Validation happened
+/// once, in [`check`], for exactly these bytes.
+pub fn compile(
+    engine: &wasmi::Engine,
+    wasm: CheckedWasm<'_>,
+) -> Result<wasmi::Module, wasmi::Error> {
+    // SAFETY: `CheckedWasm` is made only by `check`, which validated and translated these bytes
+    // (borrowed immutably since) with the same features and enforced limits as every
+    // `runtime_engine` (`config`), the two conditions `Module::new_unchecked` requires.
+    #[allow(unsafe_code)]
+    unsafe {
+        wasmi::Module::new_unchecked(engine, wasm.bytes())
+    }
 }
 
 /// Wasm bytes that passed [`check`]: structure within the limits, every function validated and

@@ -128,7 +128,7 @@ fn verifier(config: &Config) -> Result<Verifier, DaemonError> {
 }
 
 /// Runs the agent with the hardware on `board` until `shutdown` completes, then stops every
-/// module (each in-flight call ends within its fuel), flushes the store and leaves the status
+/// module (each in-flight call ends within its deadline), flushes the store and leaves the status
 /// offline. Each configuration from `reloads` (SIGHUP) is applied as far as it can be without a
 /// restart.
 pub async fn run(

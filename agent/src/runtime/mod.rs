@@ -394,13 +394,10 @@ impl Runtime {
     ) -> Result<PreparedModule, InstallError> {
         let name = manifest.name.clone();
         let engine = crate::engine::runtime_engine();
-        // `engine::check` validated and translated every function with the same features and
-        // limits; this parses the sections and leaves translation to each function's first call.
-        let module =
-            wasmi::Module::new(&engine, wasm.bytes()).map_err(|e| InstallError::Compile {
-                module: name.clone(),
-                reason: e.to_string(),
-            })?;
+        let module = crate::engine::compile(&engine, wasm).map_err(|e| InstallError::Compile {
+            module: name.clone(),
+            reason: e.to_string(),
+        })?;
         let limits = self.config.clamp(manifest);
         for import in module.imports() {
             linker::check_import(&name, &import, manifest)?;

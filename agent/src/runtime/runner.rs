@@ -280,7 +280,7 @@ impl RunnerHandle {
         self.task.is_finished()
     }
 
-    /// Stops the runner after any call in progress (which ends within its fuel) and returns the
+    /// Stops the runner after any call in progress (which ends within its deadline) and returns the
     /// module's key-value store.
     pub async fn stop(self) -> Option<Box<dyn KvStoreDebug>> {
         let _ = self.commands.send(Command::Stop).await;
