@@ -604,6 +604,7 @@ impl Supervisor {
             None => tracing::info!("{} {module}", kind.as_str()),
         }
         let payload = protocol::to_cbor(&DeployEvent {
+            id: 0,
             ts_ms: now_ms(),
             kind,
             module: module.to_string(),
