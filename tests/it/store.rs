@@ -1588,7 +1588,7 @@ fn crash_worker(root: &Path) {
         clock += 1;
         let store = &store;
         let (op, run): (String, Box<dyn FnOnce() + '_>) = match (&installed, pick) {
-            (_, 0..30) | (None, 30..75) => {
+            (_, 0..25) | (None, 25..75) => {
                 let w = rng.pick(&wasms);
                 let bundle = signed(manifest(name, next_seq), w, &k);
                 let verified = v.verify(&bundle, 0, |_| None).unwrap();
@@ -1639,8 +1639,9 @@ fn crash_worker(root: &Path) {
                     }),
                 )
             }
-            (Some(rec), 30..36 | 64..75) if needs_snapshot(rec) => {
-                // As the agent does before a new version's first instance runs.
+            (Some(rec), 25..75) if needs_snapshot(rec) => {
+                // As the agent does before a new version's first instance runs, before
+                // anything else happens to it.
                 let seq = rec.current.manifest.seq;
                 let mut r = rec.clone();
                 r.kv_snapshot = Some(seq);
@@ -1651,7 +1652,7 @@ fn crash_worker(root: &Path) {
                     Box::new(move || store.begin_probation(name, seq).unwrap()),
                 )
             }
-            (Some(rec), 30..36) => {
+            (Some(rec), 25..30) => {
                 // Nothing to snapshot: begin_probation changes nothing.
                 let seq = rec.current.manifest.seq;
                 (
@@ -1659,7 +1660,7 @@ fn crash_worker(root: &Path) {
                     Box::new(move || store.begin_probation(name, seq).unwrap()),
                 )
             }
-            (Some(rec), 64..75) => {
+            (Some(rec), 58..75) => {
                 // The version that runs writes its seq, made durable before the next operation.
                 let seq = rec.current.manifest.seq;
                 set_kv(&mut after, name, Some(Some(seq)));
@@ -1673,7 +1674,7 @@ fn crash_worker(root: &Path) {
                     }),
                 )
             }
-            (Some(rec), 36..46) => {
+            (Some(rec), 30..40) => {
                 let mut r = rec.clone();
                 if r.state == InstallState::Probation {
                     r.state = InstallState::Active;
@@ -1688,7 +1689,7 @@ fn crash_worker(root: &Path) {
                     Box::new(move || drop(store.confirm(name, seq, &[e]).unwrap())),
                 )
             }
-            (Some(rec), 46..58) => {
+            (Some(rec), 40..52) => {
                 let r = match &rec.previous {
                     Some(p) => {
                         if rec.kv_snapshot == Some(rec.current.manifest.seq) {
@@ -1719,7 +1720,7 @@ fn crash_worker(root: &Path) {
                     Box::new(move || drop(store.rollback(name, "crash test", &[e]).unwrap())),
                 )
             }
-            (Some(rec), 58..64) => {
+            (Some(rec), 52..58) => {
                 let state = InstallState::Quarantined {
                     cause: format!("crash test {clock}"),
                 };
