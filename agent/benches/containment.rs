@@ -205,7 +205,14 @@ fn main() {
         size: wasm.len() as u64,
     });
     store
-        .install(&installed, KeyId([0; 8]), Some(&wasm), Sha256::of(b"b"), 0)
+        .install(
+            &installed,
+            KeyId([0; 8]),
+            Some(&wasm),
+            Sha256::of(b"b"),
+            0,
+            &[],
+        )
         .unwrap();
     // kv_get reads a 16 KiB value under "key".
     store

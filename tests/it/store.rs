@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use edge_agent::core::bundle;
 use edge_agent::core::manifest::{Action, Manifest, Sha256};
+use edge_agent::core::protocol::{Event, EventKind};
 use edge_agent::runtime::kv::{ENTRY_OVERHEAD, KvError, KvStore as _};
 use edge_agent::store::{
-    InstallState, ModuleRecord, SCHEMA_VERSION, SeqRecord, Store, StoreError, StoredVersion,
+    InstallState, ModuleRecord, OUTBOX_MAX, SCHEMA_VERSION, SeqRecord, Store, StoreError,
+    StoredVersion,
 };
 
 use crate::harness::{key, manifest, signed, tempdir, tiny_wasm, verifier};
@@ -49,6 +51,18 @@ fn try_install(
     seq: u64,
     wasm: &[u8],
 ) -> Result<ModuleRecord, StoreError> {
+    install_with_events(store, k, name, seq, wasm, &[]).map(|(record, _)| record)
+}
+
+/// [`try_install`], recording `events` with the install.
+fn install_with_events(
+    store: &Store,
+    k: &SigningKey,
+    name: &str,
+    seq: u64,
+    wasm: &[u8],
+    events: &[Event],
+) -> Result<(ModuleRecord, Vec<Event>), StoreError> {
     let bundle = signed(manifest(name, seq), wasm, k);
     let verified = verifier(&[k]).verify(&bundle, 0, |_| None).unwrap();
     store.install(
@@ -57,7 +71,21 @@ fn try_install(
         verified.wasm_bytes(),
         Sha256::of(&bundle),
         NOW_MS + seq,
+        events,
     )
+}
+
+/// A deployment event about `module` at `seq`, not numbered yet.
+fn event(kind: EventKind, module: &str, seq: u64) -> Event {
+    Event {
+        id: 0,
+        ts_ms: NOW_MS + seq,
+        kind,
+        module: module.to_string(),
+        version: Some(format!("1.0.{seq}")),
+        seq: Some(seq),
+        reason: None,
+    }
 }
 
 fn sha(wasm: &[u8]) -> Sha256 {
@@ -148,11 +176,11 @@ fn an_upgrade_keeps_the_previous_version_and_frees_the_one_before() {
     let k = key(1);
     let (w1, w2, w3) = (wasm(1, 10), wasm(2, 10), wasm(3, 10));
     let v1 = install(&store, &k, "demo", 1, &w1).current;
-    store.confirm("demo", 1).unwrap();
+    store.confirm("demo", 1, &[]).unwrap();
     let rec = install(&store, &k, "demo", 2, &w2);
     assert_eq!(rec.previous.as_ref(), Some(&v1));
     assert_eq!(rec.current.manifest.seq, 2);
-    store.confirm("demo", 2).unwrap();
+    store.confirm("demo", 2, &[]).unwrap();
     let rec = install(&store, &k, "demo", 5, &w3);
     assert_eq!(rec.previous.unwrap().manifest.seq, 2);
     assert_eq!(rec.state, InstallState::Probation);
@@ -176,7 +204,7 @@ fn an_upgrade_over_an_unproven_version_keeps_the_last_proven_one_as_the_rollback
     let k = key(1);
     let (w1, w2, w3, w4) = (wasm(1, 10), wasm(2, 10), wasm(3, 10), wasm(4, 10));
     let v1 = install(&store, &k, "demo", 1, &w1).current;
-    store.confirm("demo", 1).unwrap();
+    store.confirm("demo", 1, &[]).unwrap();
     // v2 is still on probation when v3 arrives: v3's rollback target stays v1, v2 is dropped.
     install(&store, &k, "demo", 2, &w2);
     let rec = install(&store, &k, "demo", 3, &w3);
@@ -186,13 +214,14 @@ fn an_upgrade_over_an_unproven_version_keeps_the_last_proven_one_as_the_rollback
         Err(StoreError::UnknownBlob { .. })
     ));
     // A quarantined current is no rollback target either.
-    store.confirm("demo", 3).unwrap();
+    store.confirm("demo", 3, &[]).unwrap();
     store
         .set_state(
             "demo",
             InstallState::Quarantined {
                 cause: "crash loop".into(),
             },
+            &[],
         )
         .unwrap();
     let rec = install(&store, &k, "demo", 4, &w4);
@@ -238,52 +267,84 @@ fn install_refuses_a_removal_bundle() {
             verified.wasm_bytes(),
             Sha256::of(&bundle),
             NOW_MS,
+            &[],
         )
         .unwrap_err();
     assert!(matches!(err, StoreError::NotAnInstall { .. }), "{err}");
     assert_eq!(store.seq("demo").unwrap(), None);
 }
 
+/// Every entry of a key-value store, through the store's own handle.
+fn kv_entries(store: &Store, name: &str) -> (BTreeMap<Vec<u8>, Vec<u8>>, u64) {
+    let kv = store.kv(name, 1 << 20).unwrap();
+    let entries = raw_entries_of(&kv);
+    (entries, kv.used_bytes())
+}
+
+fn raw_entries_of(kv: &edge_agent::store::SledKv) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    [b"count".as_slice(), b"kept", b"deleted", b"added"]
+        .into_iter()
+        .filter_map(|k| kv.get(k).unwrap().map(|v| (k.to_vec(), v)))
+        .collect()
+}
+
 #[test]
-fn rollback_restores_the_previous_version_with_its_kv_data_and_keeps_the_highest_seq() {
+fn rollback_restores_the_previous_version_with_its_kv_data_as_it_was_and_keeps_the_highest_seq() {
     let tmp = tempdir();
     let k = key(1);
     let (w1, w2) = (wasm(1, 10), wasm(2, 10));
-    {
+    let before = {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         let v1 = install(&store, &k, "demo", 1, &w1);
-        store.confirm("demo", 1).unwrap();
+        // A first install has nothing to roll back to: no snapshot.
+        store.begin_probation("demo", 1).unwrap();
+        assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, None);
+        store.confirm("demo", 1, &[]).unwrap();
         let mut kv = store.kv("demo", 4096).unwrap();
         kv.set(b"count", b"41").unwrap();
+        kv.set(b"kept", b"same").unwrap();
+        kv.set(b"deleted", b"by v2").unwrap();
         drop(kv);
+        let before = kv_entries(&store, "demo");
         install(&store, &k, "demo", 2, &w2);
+        store.begin_probation("demo", 2).unwrap();
+        assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, Some(2));
+        // v2's init writes a value v1 cannot read, adds and deletes entries, then traps.
         let mut kv = store.kv("demo", 4096).unwrap();
         assert_eq!(kv.get(b"count").unwrap().unwrap(), b"41");
-        kv.set(b"count", b"42").unwrap();
+        kv.set(b"count", b"xyz").unwrap();
+        kv.set(b"added", &[7; 300]).unwrap();
+        assert!(kv.delete(b"deleted").unwrap());
         drop(kv);
 
         let restored = store
-            .rollback("demo", "trapped on probation")
+            .rollback("demo", "trapped on probation", &[])
             .unwrap()
+            .0
             .unwrap();
         assert_eq!(restored.current, v1.current);
         assert_eq!(restored.previous, None);
         assert_eq!(restored.state, InstallState::Active);
+        assert_eq!(restored.kv_snapshot, None);
+        // The key-value data is v1's again, and a handle opened now counts its bytes.
+        assert_eq!(kv_entries(&store, "demo"), before);
         // The failed version's blob is freed, the seq is not lowered.
         assert!(matches!(
             store.wasm(&sha(&w2)),
             Err(StoreError::UnknownBlob { .. })
         ));
         assert_eq!(store.seq("demo").unwrap().unwrap().highest_seq, 2);
-    }
+        before
+    };
+    assert!(!tree_names(tmp.path()).contains(&"kvsnap/demo".to_string()));
     let store = Store::open(tmp.path(), CACHE).unwrap();
     let rec = store.module("demo").unwrap().unwrap();
     assert_eq!(rec.current.manifest.seq, 1);
     assert_eq!(rec.state, InstallState::Active);
     assert_eq!(store.wasm(&sha(&w1)).unwrap(), w1);
-    let kv = store.kv("demo", 4096).unwrap();
-    assert_eq!(kv.get(b"count").unwrap().unwrap(), b"42");
-    drop(kv);
+    assert_eq!(kv_entries(&store, "demo"), before);
+    assert_eq!(before.0[&b"count"[..]], b"41");
+    assert_eq!(before.1, 3 * ENTRY_OVERHEAD + 5 + 2 + 4 + 4 + 7 + 5);
     assert_eq!(blob_files(tmp.path()), vec![sha(&w1).to_hex()]);
     // Neither the failed bundle nor an older one can come back; a newer one can.
     assert!(matches!(
@@ -295,13 +356,201 @@ fn rollback_restores_the_previous_version_with_its_kv_data_and_keeps_the_highest
 }
 
 #[test]
+fn a_restart_during_probation_keeps_the_snapshot_taken_before_the_new_version_wrote() {
+    let tmp = tempdir();
+    let k = key(1);
+    {
+        let store = Store::open(tmp.path(), CACHE).unwrap();
+        install(&store, &k, "demo", 1, &wasm(1, 10));
+        store.confirm("demo", 1, &[]).unwrap();
+        store
+            .kv("demo", 4096)
+            .unwrap()
+            .set(b"count", b"41")
+            .unwrap();
+        install(&store, &k, "demo", 2, &wasm(2, 10));
+        store.begin_probation("demo", 2).unwrap();
+        store
+            .kv("demo", 4096)
+            .unwrap()
+            .set(b"count", b"xyz")
+            .unwrap();
+        store.flush().unwrap();
+    }
+    // The agent starts again with v2 still on probation and puts it on probation again.
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, Some(2));
+    store.begin_probation("demo", 2).unwrap();
+    store.kv("demo", 4096).unwrap().set(b"more", b"v2").unwrap();
+    store.rollback("demo", "trapped", &[]).unwrap();
+    let kv = store.kv("demo", 4096).unwrap();
+    assert_eq!(kv.get(b"count").unwrap().unwrap(), b"41");
+    assert_eq!(kv.get(b"more").unwrap(), None);
+    assert_eq!(kv.used_bytes(), ENTRY_OVERHEAD + 7);
+}
+
+#[test]
+fn begin_probation_takes_a_snapshot_only_for_the_current_version_on_probation_with_a_previous_one()
+{
+    let tmp = tempdir();
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    let k = key(1);
+    assert!(matches!(
+        store.begin_probation("ghost", 1),
+        Err(StoreError::NotInstalled { .. })
+    ));
+    install(&store, &k, "demo", 1, &wasm(1, 10));
+    store.confirm("demo", 1, &[]).unwrap();
+    // Active, not on probation.
+    store.begin_probation("demo", 1).unwrap();
+    assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, None);
+    store.kv("demo", 4096).unwrap().set(b"count", b"1").unwrap();
+    install(&store, &k, "demo", 2, &wasm(2, 10));
+    // Not the current version.
+    store.begin_probation("demo", 1).unwrap();
+    store.begin_probation("demo", 3).unwrap();
+    assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, None);
+    store.begin_probation("demo", 2).unwrap();
+    store.kv("demo", 4096).unwrap().set(b"count", b"2").unwrap();
+    // Probation passed: the snapshot is dropped and v2's data stays.
+    let (rec, _) = store.confirm("demo", 2, &[]).unwrap();
+    assert_eq!(rec.kv_snapshot, None);
+    assert_eq!(
+        store
+            .kv("demo", 4096)
+            .unwrap()
+            .get(b"count")
+            .unwrap()
+            .unwrap(),
+        b"2"
+    );
+    // A rollback from a state no snapshot belongs to leaves the data as it is.
+    install(&store, &k, "demo", 3, &wasm(3, 10));
+    store.kv("demo", 4096).unwrap().set(b"count", b"3").unwrap();
+    store.rollback("demo", "trapped", &[]).unwrap();
+    assert_eq!(
+        store
+            .kv("demo", 4096)
+            .unwrap()
+            .get(b"count")
+            .unwrap()
+            .unwrap(),
+        b"3"
+    );
+    drop(store);
+    assert!(
+        tree_names(tmp.path())
+            .iter()
+            .all(|t| !t.starts_with("kvsnap/")),
+        "{:?}",
+        tree_names(tmp.path())
+    );
+}
+
+#[test]
+fn an_upgrade_over_a_version_still_on_probation_keeps_the_snapshot_of_the_last_proven_one() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    let k = key(1);
+    install(&store, &k, "demo", 1, &wasm(1, 10));
+    store.confirm("demo", 1, &[]).unwrap();
+    store
+        .kv("demo", 4096)
+        .unwrap()
+        .set(b"count", b"41")
+        .unwrap();
+    install(&store, &k, "demo", 2, &wasm(2, 10));
+    store.begin_probation("demo", 2).unwrap();
+    store
+        .kv("demo", 4096)
+        .unwrap()
+        .set(b"count", b"xyz")
+        .unwrap();
+    // v3 arrives while v2 is on probation: v1 stays the rollback target, with v1's data.
+    let rec = install(&store, &k, "demo", 3, &wasm(3, 10));
+    assert_eq!(rec.previous.unwrap().manifest.seq, 1);
+    assert_eq!(rec.kv_snapshot, Some(3));
+    store.begin_probation("demo", 3).unwrap();
+    store
+        .kv("demo", 4096)
+        .unwrap()
+        .set(b"count", b"v3")
+        .unwrap();
+    let (restored, _) = store.rollback("demo", "trapped", &[]).unwrap();
+    assert_eq!(restored.unwrap().current.manifest.seq, 1);
+    assert_eq!(
+        store
+            .kv("demo", 4096)
+            .unwrap()
+            .get(b"count")
+            .unwrap()
+            .unwrap(),
+        b"41"
+    );
+}
+
+#[test]
+fn a_snapshot_of_a_large_tree_is_restored_whole_with_its_quota_bytes() {
+    let tmp = tempdir();
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    let k = key(1);
+    install(&store, &k, "demo", 1, &wasm(1, 10));
+    store.confirm("demo", 1, &[]).unwrap();
+    let quota = 1 << 20;
+    let mut kv = store.kv("demo", quota).unwrap();
+    // About 1 MiB: values of 16 KiB (the ABI's largest) and many small entries.
+    for i in 0..40u32 {
+        kv.set(
+            format!("big{i}").as_bytes(),
+            &vec![u8::try_from(i).unwrap(); 16 * 1024],
+        )
+        .unwrap();
+    }
+    let mut i = 0u32;
+    while kv.set(format!("small{i}").as_bytes(), b"v").is_ok() {
+        i += 1;
+    }
+    let used = kv.used_bytes();
+    assert!(used > quota - 200, "{used}");
+    drop(kv);
+    install(&store, &k, "demo", 2, &wasm(2, 10));
+    let started = Instant::now();
+    store.begin_probation("demo", 2).unwrap();
+    let snapshot_took = started.elapsed();
+    let mut kv = store.kv("demo", quota).unwrap();
+    for i in 0..40u32 {
+        kv.delete(format!("big{i}").as_bytes()).unwrap();
+    }
+    kv.set(b"v2", b"data").unwrap();
+    drop(kv);
+    let started = Instant::now();
+    store.rollback("demo", "trapped", &[]).unwrap();
+    let rollback_took = started.elapsed();
+    eprintln!(
+        "a {used}-byte key-value tree: begin_probation {snapshot_took:?}, rollback {rollback_took:?}"
+    );
+    drop(store);
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    let kv = store.kv("demo", quota).unwrap();
+    assert_eq!(kv.used_bytes(), used);
+    assert_eq!(kv.get(b"v2").unwrap(), None);
+    assert_eq!(kv.get(b"big39").unwrap().unwrap(), vec![39; 16 * 1024]);
+    assert_eq!(
+        kv.get(format!("small{}", i - 1).as_bytes())
+            .unwrap()
+            .unwrap(),
+        b"v"
+    );
+}
+
+#[test]
 fn rollback_without_a_previous_version_leaves_the_module_failed() {
     let tmp = tempdir();
     let store = Store::open(tmp.path(), CACHE).unwrap();
     let k = key(1);
     let w = tiny_wasm();
     install(&store, &k, "demo", 1, &w);
-    assert_eq!(store.rollback("demo", "init trapped").unwrap(), None);
+    assert_eq!(store.rollback("demo", "init trapped", &[]).unwrap().0, None);
     drop(store);
     let store = Store::open(tmp.path(), CACHE).unwrap();
     let rec = store.module("demo").unwrap().unwrap();
@@ -314,7 +563,7 @@ fn rollback_without_a_previous_version_leaves_the_module_failed() {
     assert_eq!(rec.current.manifest.seq, 1);
     assert_eq!(store.wasm(&sha(&w)).unwrap(), w);
     assert!(matches!(
-        store.rollback("nothing", "x"),
+        store.rollback("nothing", "x", &[]),
         Err(StoreError::NotInstalled { module }) if module == "nothing"
     ));
 }
@@ -328,28 +577,28 @@ fn confirm_activates_only_the_version_on_probation() {
     install(&store, &k, "demo", 2, &wasm(2, 10));
     // A confirmation for the replaced version is a no-op.
     assert_eq!(
-        store.confirm("demo", 1).unwrap().state,
+        store.confirm("demo", 1, &[]).unwrap().0.state,
         InstallState::Probation
     );
     assert_eq!(
-        store.confirm("demo", 2).unwrap().state,
+        store.confirm("demo", 2, &[]).unwrap().0.state,
         InstallState::Active
     );
     let quarantined = InstallState::Quarantined {
         cause: "5 failures in 60 s".into(),
     };
-    store.set_state("demo", quarantined.clone()).unwrap();
+    store.set_state("demo", quarantined.clone(), &[]).unwrap();
     // Confirming does not lift a quarantine.
-    assert_eq!(store.confirm("demo", 2).unwrap().state, quarantined);
+    assert_eq!(store.confirm("demo", 2, &[]).unwrap().0.state, quarantined);
     drop(store);
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.module("demo").unwrap().unwrap().state, quarantined);
     assert!(matches!(
-        store.confirm("ghost", 1),
+        store.confirm("ghost", 1, &[]),
         Err(StoreError::NotInstalled { .. })
     ));
     assert!(matches!(
-        store.set_state("ghost", InstallState::Active),
+        store.set_state("ghost", InstallState::Active, &[]),
         Err(StoreError::NotInstalled { .. })
     ));
 }
@@ -362,20 +611,22 @@ fn removal_drops_record_blobs_and_kv_but_keeps_the_seq() {
     {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &k, "demo", 1, &w1);
-        install(&store, &k, "demo", 2, &w2);
+        store.confirm("demo", 1, &[]).unwrap();
         let mut kv = store.kv("demo", 4096).unwrap();
         kv.set(b"k", b"v").unwrap();
         drop(kv);
+        install(&store, &k, "demo", 2, &w2);
+        store.begin_probation("demo", 2).unwrap();
         let removal = Sha256::of(b"removal bundle");
         assert!(matches!(
-            store.remove("demo", 2, removal),
+            store.remove("demo", 2, removal, &[]),
             Err(StoreError::SeqNotGreater {
                 seq: 2,
                 highest: 2,
                 ..
             })
         ));
-        assert!(store.remove("demo", 3, removal).unwrap());
+        assert!(store.remove("demo", 3, removal, &[]).unwrap().0);
         assert_eq!(store.module("demo").unwrap(), None);
         assert_eq!(
             store.seq("demo").unwrap(),
@@ -398,7 +649,7 @@ fn removal_drops_record_blobs_and_kv_but_keeps_the_seq() {
     }
     assert_eq!(
         tree_names(tmp.path()),
-        ["blob_refs", "meta", "modules", "seqs"]
+        ["blob_refs", "meta", "modules", "outbox", "seqs"]
     );
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.seq("demo").unwrap().unwrap().highest_seq, 3);
@@ -409,13 +660,13 @@ fn removal_drops_record_blobs_and_kv_but_keeps_the_seq() {
         ));
     }
     // A removal of something not installed is still recorded, so an old install stays out.
-    assert!(!store.remove("never", 7, Sha256::of(b"r")).unwrap());
+    assert!(!store.remove("never", 7, Sha256::of(b"r"), &[]).unwrap().0);
     assert!(matches!(
         try_install(&store, &k, "never", 7, &w1),
         Err(StoreError::SeqNotGreater { highest: 7, .. })
     ));
     assert!(matches!(
-        store.remove("Bad/Name", 1, Sha256::of(b"r")),
+        store.remove("Bad/Name", 1, Sha256::of(b"r"), &[]),
         Err(StoreError::BadName { .. })
     ));
 }
@@ -430,7 +681,7 @@ fn a_removed_module_can_come_back_at_a_higher_seq_with_an_empty_kv() {
     let mut kv = store.kv("demo", 4096).unwrap();
     kv.set(b"secret", b"from the first life").unwrap();
     drop(kv);
-    store.remove("demo", 2, Sha256::of(b"r")).unwrap();
+    store.remove("demo", 2, Sha256::of(b"r"), &[]).unwrap();
     let rec = install(&store, &k, "demo", 3, &w);
     assert_eq!(rec.previous, None);
     assert_eq!(store.wasm(&sha(&w)).unwrap(), w);
@@ -448,19 +699,23 @@ fn a_blob_shared_by_two_modules_survives_the_removal_of_one() {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &k, "one", 1, &w);
         install(&store, &k, "two", 1, &w);
-        store.confirm("two", 1).unwrap();
+        store.confirm("two", 1, &[]).unwrap();
         // Same Wasm again as an upgrade of "two": three slots refer to it.
         install(&store, &k, "two", 2, &w);
         assert_eq!(blob_files(tmp.path()), vec![sha(&w).to_hex()]);
-        store.remove("one", 2, Sha256::of(b"r")).unwrap();
+        store.remove("one", 2, Sha256::of(b"r"), &[]).unwrap();
         assert_eq!(store.wasm(&sha(&w)).unwrap(), w);
         // Rolling "two" back drops one of its two references only.
-        store.rollback("two", "probation failed").unwrap().unwrap();
+        store
+            .rollback("two", "probation failed", &[])
+            .unwrap()
+            .0
+            .unwrap();
         assert_eq!(store.wasm(&sha(&w)).unwrap(), w);
     }
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.wasm(&sha(&w)).unwrap(), w);
-    store.remove("two", 3, Sha256::of(b"r")).unwrap();
+    store.remove("two", 3, Sha256::of(b"r"), &[]).unwrap();
     assert!(matches!(
         store.wasm(&sha(&w)),
         Err(StoreError::UnknownBlob { .. })
@@ -630,18 +885,24 @@ fn a_store_with_a_newer_schema_is_refused_with_a_clear_message() {
 fn open_removes_what_an_interrupted_operation_left_behind() {
     let tmp = tempdir();
     let w = tiny_wasm();
+    let w2 = wasm(2, 10);
     {
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &key(1), "demo", 1, &w);
+        store.confirm("demo", 1, &[]).unwrap();
         store
             .kv("demo", ENTRY_OVERHEAD + 100)
             .unwrap()
             .set(b"keep", b"me")
             .unwrap();
+        install(&store, &key(1), "demo", 2, &w2);
+        store.begin_probation("demo", 2).unwrap();
+        install(&store, &key(1), "other", 1, &w);
         store.flush().unwrap();
     }
-    // A blob written for an install that never committed, a half-written one, and the kv tree
-    // of a module whose removal committed but whose tree was not dropped yet.
+    // A blob written for an install that never committed, a half-written one, the kv tree and
+    // snapshot of a module whose removal committed but whose trees were not dropped yet, and
+    // the snapshot of a module whose probation ended before it was dropped.
     let orphan = Sha256::of(b"orphan");
     fs::write(tmp.path().join("wasm").join(orphan.to_hex()), b"orphan").unwrap();
     fs::write(
@@ -653,12 +914,28 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
     .unwrap();
     {
         let db = raw_db(tmp.path());
-        db.open_tree("kv/gone").unwrap().insert("k", "v").unwrap();
+        for tree in ["kv/gone", "kvsnap/gone", "kvsnap/other"] {
+            db.open_tree(tree).unwrap().insert("k", "v").unwrap();
+        }
         db.flush().unwrap();
     }
-    assert_eq!(tree_names(tmp.path()).len(), 6);
+    assert_eq!(tree_names(tmp.path()).len(), 10);
     let store = Store::open(tmp.path(), CACHE).unwrap();
-    assert_eq!(blob_files(tmp.path()), vec![sha(&w).to_hex()]);
+    let mut expected = vec![sha(&w).to_hex(), sha(&w2).to_hex()];
+    expected.sort();
+    assert_eq!(blob_files(tmp.path()), expected);
+    assert_eq!(
+        store
+            .kv("demo", 100)
+            .unwrap()
+            .get(b"keep")
+            .unwrap()
+            .unwrap(),
+        b"me"
+    );
+    // The snapshot demo's record points at stays, and a rollback restores it.
+    store.kv("demo", 100).unwrap().set(b"keep", b"v2").unwrap();
+    store.rollback("demo", "trapped", &[]).unwrap();
     assert_eq!(
         store
             .kv("demo", 100)
@@ -671,7 +948,7 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
     drop(store);
     assert_eq!(
         tree_names(tmp.path()),
-        ["blob_refs", "kv/demo", "meta", "modules", "seqs"]
+        ["blob_refs", "kv/demo", "meta", "modules", "outbox", "seqs"]
     );
 }
 
@@ -684,17 +961,283 @@ fn a_second_store_on_the_same_directory_is_refused() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The event outbox.
+
+/// The events as recorded: `events` numbered with `ids`.
+fn numbered(events: &[Event], ids: &[u64]) -> Vec<Event> {
+    assert_eq!(events.len(), ids.len());
+    events
+        .iter()
+        .zip(ids)
+        .map(|(e, &id)| Event { id, ..e.clone() })
+        .collect()
+}
+
+fn ids(events: &[Event]) -> Vec<u64> {
+    events.iter().map(|e| e.id).collect()
+}
+
+#[test]
+fn every_change_records_its_events_in_its_transaction_and_they_wait_until_acknowledged() {
+    let tmp = tempdir();
+    let k = key(1);
+    let mut recorded = Vec::new();
+    {
+        let store = Store::open(tmp.path(), CACHE).unwrap();
+        assert_eq!(store.pending_events().unwrap(), vec![]);
+        let e = [event(EventKind::Installed, "demo", 1)];
+        let (_, out) = install_with_events(&store, &k, "demo", 1, &wasm(1, 10), &e).unwrap();
+        recorded.extend(out);
+        let e = [event(EventKind::Installed, "demo", 1)];
+        recorded.extend(store.confirm("demo", 1, &e).unwrap().1);
+        let e = [event(EventKind::Rejected, "demo", 2)];
+        recorded.extend(store.push_events(&e).unwrap());
+        install(&store, &k, "demo", 3, &wasm(3, 10));
+        // Two events from one change.
+        let e = [
+            event(EventKind::RolledBack, "demo", 3),
+            event(EventKind::Restarted, "demo", 1),
+        ];
+        recorded.extend(store.rollback("demo", "trapped", &e).unwrap().1);
+        let quarantined = InstallState::Quarantined {
+            cause: "crash loop".into(),
+        };
+        let e = [event(EventKind::Quarantined, "demo", 1)];
+        recorded.extend(store.set_state("demo", quarantined, &e).unwrap().1);
+        let e = [event(EventKind::Removed, "demo", 4)];
+        recorded.extend(store.remove("demo", 4, Sha256::of(b"r"), &e).unwrap().1);
+
+        // Numbered by the store in order, strictly increasing, the rest as given.
+        let given = [
+            event(EventKind::Installed, "demo", 1),
+            event(EventKind::Installed, "demo", 1),
+            event(EventKind::Rejected, "demo", 2),
+            event(EventKind::RolledBack, "demo", 3),
+            event(EventKind::Restarted, "demo", 1),
+            event(EventKind::Quarantined, "demo", 1),
+            event(EventKind::Removed, "demo", 4),
+        ];
+        assert_eq!(recorded, numbered(&given, &ids(&recorded)));
+        assert!(
+            ids(&recorded).windows(2).all(|w| w[0] < w[1]),
+            "{recorded:?}"
+        );
+        assert!(recorded[0].id > 0);
+        assert_eq!(store.pending_events().unwrap(), recorded);
+
+        // A refused change records nothing.
+        let e = [event(EventKind::Installed, "demo", 4)];
+        assert!(matches!(
+            install_with_events(&store, &k, "demo", 4, &wasm(4, 10), &e),
+            Err(StoreError::SeqNotGreater { .. })
+        ));
+        assert!(matches!(
+            store.confirm("ghost", 1, &e),
+            Err(StoreError::NotInstalled { .. })
+        ));
+        assert_eq!(store.pending_events().unwrap(), recorded);
+        // A confirmation that changes nothing still records what the caller reports.
+        install(&store, &k, "demo", 5, &wasm(5, 10));
+        let e = [event(EventKind::Installed, "demo", 4)];
+        let (rec, out) = store.confirm("demo", 4, &e).unwrap();
+        assert_eq!(rec.state, InstallState::Probation);
+        assert_eq!(out.len(), 1);
+        recorded.extend(out);
+
+        // Acknowledged events go; unknown ids are fine.
+        store
+            .ack_events(&[recorded[1].id, recorded[3].id, 999_999])
+            .unwrap();
+        recorded.remove(3);
+        recorded.remove(1);
+        assert_eq!(store.pending_events().unwrap(), recorded);
+        store.ack_events(&[]).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.outbox_dropped(), 0);
+    }
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(store.pending_events().unwrap(), recorded);
+    // Ids keep increasing after a reopen.
+    let out = store
+        .push_events(&[event(EventKind::Rejected, "demo", 9)])
+        .unwrap();
+    assert!(out[0].id > recorded.last().unwrap().id);
+}
+
+#[test]
+fn event_ids_are_not_reused_when_the_last_ones_handed_out_were_lost_in_a_crash() {
+    let tmp = tempdir();
+    let (kept, lost) = {
+        let store = Store::open(tmp.path(), CACHE).unwrap();
+        let kept = store
+            .push_events(&[event(EventKind::Rejected, "demo", 1)])
+            .unwrap();
+        let lost = store
+            .push_events(&[event(EventKind::Rejected, "demo", 2)])
+            .unwrap();
+        store.flush().unwrap();
+        (kept[0].clone(), lost[0].clone())
+    };
+    // As if the second push had not reached the disk when the agent died, after the event was
+    // published: the outbox and the next id as they were before it.
+    {
+        let db = raw_db(tmp.path());
+        db.open_tree("outbox")
+            .unwrap()
+            .remove(lost.id.to_be_bytes())
+            .unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("outbox_next_id", &lost.id.to_be_bytes()[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(store.pending_events().unwrap(), vec![kept]);
+    let next = store
+        .push_events(&[event(EventKind::Rejected, "demo", 3)])
+        .unwrap();
+    assert!(
+        next[0].id > lost.id,
+        "{} reused after {}",
+        next[0].id,
+        lost.id
+    );
+}
+
+#[test]
+fn the_outbox_keeps_the_newest_events_and_counts_the_ones_it_dropped() {
+    let tmp = tempdir();
+    let k = key(1);
+    let many = |n: u64| -> Vec<Event> {
+        (0..n)
+            .map(|i| event(EventKind::Rejected, "demo", i))
+            .collect()
+    };
+    let (pending, dropped) = {
+        let store = Store::open(tmp.path(), CACHE).unwrap();
+        let first = store.push_events(&many(1000)).unwrap();
+        let e = many(30);
+        let (_, installed) = install_with_events(&store, &k, "demo", 1, &wasm(1, 10), &e).unwrap();
+        let pending = store.pending_events().unwrap();
+        assert_eq!(pending.len(), OUTBOX_MAX);
+        assert_eq!(pending[0], first[6]);
+        assert_eq!(&pending[OUTBOX_MAX - 30..], &installed[..]);
+        assert_eq!(store.outbox_dropped(), 6);
+        // More than the outbox holds at once: the newest of them stay.
+        let flood = store.push_events(&many(2000)).unwrap();
+        assert_eq!(flood.len(), 2000);
+        let pending = store.pending_events().unwrap();
+        assert_eq!(pending, flood[2000 - OUTBOX_MAX..]);
+        assert_eq!(store.outbox_dropped(), 6 + 2000);
+        store.flush().unwrap();
+        (pending, store.outbox_dropped())
+    };
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(store.pending_events().unwrap(), pending);
+    assert_eq!(store.outbox_dropped(), dropped);
+}
+
+const ABORT_ENV: &str = "EDGE_AGENT_STORE_ABORT_WORKER";
+const ABORT_TEST: &str = "store::events_recorded_with_a_change_survive_an_abort_right_after_it";
+
+#[test]
+fn events_recorded_with_a_change_survive_an_abort_right_after_it() {
+    if let Ok(dir) = std::env::var(ABORT_ENV) {
+        // The child: a change with its event, then the process dies as a panic would.
+        let store = Store::open(Path::new(&dir), CACHE).unwrap();
+        let e = [event(EventKind::Installed, "demo", 1)];
+        let (_, out) = install_with_events(&store, &key(1), "demo", 1, &tiny_wasm(), &e).unwrap();
+        println!("event id {}", out[0].id);
+        std::process::abort();
+    }
+    let tmp = tempdir();
+    let out = crate::harness::target_command(std::env::current_exe().unwrap())
+        .args([ABORT_TEST, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(ABORT_ENV, tmp.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The test harness prints its own text before it on the same line.
+    let id: u64 = stdout
+        .split_once("event id ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or_else(|| {
+            panic!(
+                "the child printed no event id ({}): {stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .parse()
+        .unwrap();
+    assert!(!out.status.success());
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(
+        store.pending_events().unwrap(),
+        numbered(&[event(EventKind::Installed, "demo", 1)], &[id])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // Crash consistency: a child process works on a store and is killed with SIGKILL at a random
 // moment; the parent checks the store is wholly the state before or after the operation in flight.
 
 const WORKER_ENV: &str = "EDGE_AGENT_STORE_CRASH_WORKER";
 const CRASH_TEST: &str = "store::the_store_is_wholly_old_or_new_after_sigkill_at_random_moments";
 
-/// What the store holds, as `modules()` and `seqs()` report it.
-type Snapshot = (Vec<ModuleRecord>, Vec<(String, SeqRecord)>);
+/// What the store holds: the records and seqs, each installed module's key-value entry
+/// `writer` (the seq of the version that wrote it), the `writer` of the key-value snapshot of
+/// each module whose record points at one (`hidden`: only the raw database or a rollback
+/// shows it), and the pending events as "kind module seq".
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    records: Vec<ModuleRecord>,
+    seqs: Vec<(String, SeqRecord)>,
+    kv: Vec<(String, Option<u64>)>,
+    hidden: Vec<(String, Option<u64>)>,
+    events: Vec<String>,
+}
+
+impl Snapshot {
+    /// What the store's own interface shows.
+    fn visible(&self) -> Snapshot {
+        Snapshot {
+            hidden: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
 
 fn snapshot(store: &Store) -> Snapshot {
-    (store.modules().unwrap(), store.seqs().unwrap())
+    let records = store.modules().unwrap();
+    let kv = records
+        .iter()
+        .map(|r| {
+            let kv = store.kv(&r.name, 1 << 16).unwrap();
+            (r.name.clone(), writer(kv.get(b"writer").unwrap()))
+        })
+        .collect();
+    Snapshot {
+        records,
+        seqs: store.seqs().unwrap(),
+        kv,
+        hidden: Vec::new(),
+        events: store
+            .pending_events()
+            .unwrap()
+            .iter()
+            .map(describe)
+            .collect(),
+    }
+}
+
+fn writer(value: Option<impl AsRef<[u8]>>) -> Option<u64> {
+    value.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap()))
+}
+
+fn describe(e: &Event) -> String {
+    format!("{} {} {}", e.kind.as_str(), e.module, e.seq.unwrap())
 }
 
 /// A tiny deterministic generator (xorshift64*), seeded per run and printed on failure.
@@ -738,10 +1281,14 @@ fn the_store_is_wholly_old_or_new_after_sigkill_at_random_moments() {
     let started = Instant::now();
     let (mut kills, mut mid_op, mut between, mut before_first) = (0, 0, 0, 0);
     let mut ops_total = 0usize;
-    let mut state: Snapshot = (vec![], vec![]);
+    let mut state = Snapshot::default();
     while kills < 25 && started.elapsed() < Duration::from_secs(120) {
         let journal = root.join("journal");
         let _ = fs::remove_file(&journal);
+        // The worker starts from what the last run left, snapshots included.
+        let mut initial = Vec::new();
+        ciborium::into_writer(&state, &mut initial).unwrap();
+        fs::write(root.join("state"), initial).unwrap();
         let mut child = crate::harness::target_command(std::env::current_exe().unwrap())
             .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads", "1"])
             .env(WORKER_ENV, root)
@@ -914,7 +1461,43 @@ fn check_raw(dir: &Path, seed: u64) -> Snapshot {
         refs, expected,
         "blob_refs against the records (seed {seed})"
     );
-    (records, seqs)
+    // A snapshot belongs to the current version, which has a version to roll back to.
+    let mut kv = Vec::new();
+    let mut hidden = Vec::new();
+    for rec in &records {
+        let tree = db.open_tree(format!("kv/{}", rec.name)).unwrap();
+        kv.push((rec.name.clone(), writer(tree.get("writer").unwrap())));
+        if let Some(s) = rec.kv_snapshot {
+            assert_eq!(s, rec.current.manifest.seq, "{} (seed {seed})", rec.name);
+            assert!(rec.previous.is_some(), "{} (seed {seed})", rec.name);
+            let tree = db.open_tree(format!("kvsnap/{}", rec.name)).unwrap();
+            hidden.push((rec.name.clone(), writer(tree.get("writer").unwrap())));
+        }
+    }
+    // Events numbered below the next id, in order, each under its own id.
+    let next_id = db
+        .open_tree("meta")
+        .unwrap()
+        .get("outbox_next_id")
+        .unwrap()
+        .map_or(1, |v| u64::from_be_bytes(v.as_ref().try_into().unwrap()));
+    let mut events = Vec::new();
+    for entry in db.open_tree("outbox").unwrap().iter() {
+        let (k, v) = entry.unwrap();
+        let id = u64::from_be_bytes(k.as_ref().try_into().unwrap());
+        let event: Event = cbor(&v);
+        assert_eq!(event.id, id, "seed {seed}");
+        assert!(id < next_id, "event {id}, next id {next_id} (seed {seed})");
+        events.push(describe(&event));
+    }
+    assert!(events.len() <= OUTBOX_MAX, "seed {seed}");
+    Snapshot {
+        records,
+        seqs,
+        kv,
+        hidden,
+        events,
+    }
 }
 
 fn cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
@@ -922,12 +1505,13 @@ fn cbor<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> T {
 }
 
 /// Opens the store as the agent would and checks it serves what the raw check found, with no
-/// leftovers: no unreferenced blob files, no key-value trees of modules not installed.
+/// leftovers: no unreferenced blob files, no key-value trees of modules not installed, no
+/// snapshots no record points at.
 fn check_reopened(dir: &Path, found: &Snapshot, seed: u64) {
     let store = Store::open(dir, CACHE).unwrap();
-    assert_eq!(&snapshot(&store), found, "seed {seed}");
+    assert_eq!(snapshot(&store), found.visible(), "seed {seed}");
     let mut referenced = Vec::new();
-    for rec in &found.0 {
+    for rec in &found.records {
         for v in std::iter::once(&rec.current).chain(&rec.previous) {
             store.wasm(&v.wasm_sha256()).unwrap();
             referenced.push(v.wasm_sha256().to_hex());
@@ -939,7 +1523,16 @@ fn check_reopened(dir: &Path, found: &Snapshot, seed: u64) {
     referenced.sort();
     referenced.dedup();
     assert_eq!(blob_files(dir), referenced, "seed {seed}");
-    let installed: Vec<String> = found.0.iter().map(|r| format!("kv/{}", r.name)).collect();
+    let installed: Vec<String> = found
+        .records
+        .iter()
+        .map(|r| format!("kv/{}", r.name))
+        .collect();
+    let snapshots: Vec<String> = found
+        .hidden
+        .iter()
+        .map(|(name, _)| format!("kvsnap/{name}"))
+        .collect();
     for tree in tree_names(dir) {
         if tree.starts_with("kv/") {
             assert!(
@@ -947,14 +1540,28 @@ fn check_reopened(dir: &Path, found: &Snapshot, seed: u64) {
                 "{tree} left behind (seed {seed})"
             );
         }
+        if tree.starts_with("kvsnap/") {
+            assert!(
+                snapshots.contains(&tree),
+                "{tree} left behind (seed {seed})"
+            );
+        }
     }
 }
 
-/// The child: installs, upgrades, confirms, rolls back, quarantines and removes three modules
-/// (sharing three Wasm blobs of 100 B, 20 KiB and 300 KiB) until it is killed, journaling each
-/// operation with the state before it and the state its model expects after it.
+/// The child: installs, upgrades, starts probations, confirms, rolls back, quarantines and
+/// removes three modules (sharing three Wasm blobs of 100 B, 20 KiB and 300 KiB), writes their
+/// key-value data as the version that runs, records and acknowledges events, until it is
+/// killed, journaling each operation with the state before it and the state its model expects
+/// after it.
 fn crash_worker(root: &Path) {
     let store = Store::open(&root.join("store"), CACHE).unwrap();
+    let mut model: Snapshot = cbor(&fs::read(root.join("state")).unwrap());
+    assert_eq!(
+        snapshot(&store),
+        model.visible(),
+        "the state the last run left"
+    );
     let mut journal = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -973,14 +1580,15 @@ fn crash_worker(root: &Path) {
     let mut clock = NOW_MS;
     while Instant::now() < deadline {
         let name = *rng.pick(&names);
-        let before = snapshot(&store);
-        let installed = before.0.iter().find(|r| r.name == name).cloned();
+        let before = model.clone();
+        let installed = before.records.iter().find(|r| r.name == name).cloned();
         let next_seq = store.seq(name).unwrap().map_or(1, |s| s.highest_seq + 1);
         let mut after = before.clone();
         let pick = rng.below(100);
         clock += 1;
+        let store = &store;
         let (op, run): (String, Box<dyn FnOnce() + '_>) = match (&installed, pick) {
-            (_, 0..40) | (None, 40..80) => {
+            (_, 0..25) | (None, 25..75) => {
                 let w = rng.pick(&wasms);
                 let bundle = signed(manifest(name, next_seq), w, &k);
                 let verified = v.verify(&bundle, 0, |_| None).unwrap();
@@ -990,22 +1598,29 @@ fn crash_worker(root: &Path) {
                     bundle_sha256: Sha256::of(&bundle),
                     installed_at_ms: clock,
                 };
+                // The rollback target is the last version that proved itself; over one that
+                // did not, the target stays and so does its snapshot.
+                let (previous, snapshot_kept) = match &installed {
+                    Some(r) if r.state == InstallState::Active => (Some(r.current.clone()), false),
+                    Some(r) => (r.previous.clone(), r.kv_snapshot.is_some()),
+                    None => (None, false),
+                };
                 let record = ModuleRecord {
                     name: name.to_string(),
                     current: version,
-                    // The rollback target is the last version that proved itself.
-                    previous: installed.clone().and_then(|r| {
-                        if r.state == InstallState::Active {
-                            Some(r.current)
-                        } else {
-                            r.previous
-                        }
-                    }),
+                    previous,
                     state: InstallState::Probation,
+                    kv_snapshot: snapshot_kept.then_some(next_seq),
                 };
                 set_record(&mut after, name, Some(record));
                 set_seq(&mut after, name, next_seq, Sha256::of(&bundle));
-                let store = &store;
+                if installed.is_none() {
+                    set_kv(&mut after, name, Some(None));
+                }
+                if !snapshot_kept {
+                    set_hidden(&mut after, name, None);
+                }
+                let e = record_event(&mut after, EventKind::Installed, name, next_seq);
                 let now = clock;
                 (
                     format!("install:{name}:{next_seq}"),
@@ -1018,47 +1633,94 @@ fn crash_worker(root: &Path) {
                                 verified.wasm_bytes(),
                                 Sha256::of(&bundle),
                                 now,
+                                &[e],
                             )
                             .unwrap();
                     }),
                 )
             }
-            (Some(rec), 40..55) => {
+            (Some(rec), 25..75) if needs_snapshot(rec) => {
+                // As the agent does before a new version's first instance runs, before
+                // anything else happens to it.
+                let seq = rec.current.manifest.seq;
+                let mut r = rec.clone();
+                r.kv_snapshot = Some(seq);
+                set_record(&mut after, name, Some(r));
+                set_hidden(&mut after, name, Some(kv_of(&before, name)));
+                (
+                    format!("begin_probation:{name}:{seq}"),
+                    Box::new(move || store.begin_probation(name, seq).unwrap()),
+                )
+            }
+            (Some(rec), 25..30) => {
+                // Nothing to snapshot: begin_probation changes nothing.
+                let seq = rec.current.manifest.seq;
+                (
+                    format!("begin_probation:{name}:{seq}"),
+                    Box::new(move || store.begin_probation(name, seq).unwrap()),
+                )
+            }
+            (Some(rec), 58..75) => {
+                // The version that runs writes its seq, made durable before the next operation.
+                let seq = rec.current.manifest.seq;
+                set_kv(&mut after, name, Some(Some(seq)));
+                (
+                    format!("kv:{name}:{seq}"),
+                    Box::new(move || {
+                        let mut kv = store.kv(name, 1 << 16).unwrap();
+                        kv.set(b"writer", &seq.to_be_bytes()).unwrap();
+                        drop(kv);
+                        store.flush().unwrap();
+                    }),
+                )
+            }
+            (Some(rec), 30..40) => {
                 let mut r = rec.clone();
                 if r.state == InstallState::Probation {
                     r.state = InstallState::Active;
+                    r.kv_snapshot = None;
+                    set_hidden(&mut after, name, None);
                 }
                 set_record(&mut after, name, Some(r));
                 let seq = rec.current.manifest.seq;
-                let store = &store;
+                let e = record_event(&mut after, EventKind::Installed, name, seq);
                 (
                     format!("confirm:{name}:{seq}"),
-                    Box::new(move || drop(store.confirm(name, seq).unwrap())),
+                    Box::new(move || drop(store.confirm(name, seq, &[e]).unwrap())),
                 )
             }
-            (Some(rec), 55..72) => {
+            (Some(rec), 40..52) => {
                 let r = match &rec.previous {
-                    Some(p) => ModuleRecord {
-                        name: name.to_string(),
-                        current: p.clone(),
-                        previous: None,
-                        state: InstallState::Active,
-                    },
+                    Some(p) => {
+                        if rec.kv_snapshot == Some(rec.current.manifest.seq) {
+                            set_kv(&mut after, name, Some(hidden_of(&before, name)));
+                        }
+                        ModuleRecord {
+                            name: name.to_string(),
+                            current: p.clone(),
+                            previous: None,
+                            state: InstallState::Active,
+                            kv_snapshot: None,
+                        }
+                    }
                     None => ModuleRecord {
                         state: InstallState::Failed {
                             cause: "crash test".into(),
                         },
+                        kv_snapshot: None,
                         ..rec.clone()
                     },
                 };
                 set_record(&mut after, name, Some(r));
-                let store = &store;
+                set_hidden(&mut after, name, None);
+                let seq = rec.current.manifest.seq;
+                let e = record_event(&mut after, EventKind::RolledBack, name, seq);
                 (
                     format!("rollback:{name}"),
-                    Box::new(move || drop(store.rollback(name, "crash test").unwrap())),
+                    Box::new(move || drop(store.rollback(name, "crash test", &[e]).unwrap())),
                 )
             }
-            (Some(rec), 72..80) => {
+            (Some(rec), 52..58) => {
                 let state = InstallState::Quarantined {
                     cause: format!("crash test {clock}"),
                 };
@@ -1070,21 +1732,47 @@ fn crash_worker(root: &Path) {
                         ..rec.clone()
                     }),
                 );
-                let store = &store;
+                let seq = rec.current.manifest.seq;
+                let e = record_event(&mut after, EventKind::Quarantined, name, seq);
                 (
                     format!("quarantine:{name}"),
-                    Box::new(move || drop(store.set_state(name, state).unwrap())),
+                    Box::new(move || drop(store.set_state(name, state, &[e]).unwrap())),
+                )
+            }
+            (_, 75..83) => {
+                let e = record_event(&mut after, EventKind::Rejected, name, next_seq);
+                (
+                    format!("push:{name}:{next_seq}"),
+                    Box::new(move || {
+                        store.push_events(&[e]).unwrap();
+                        store.flush().unwrap();
+                    }),
+                )
+            }
+            (_, 83..91) => {
+                let n = after.events.len().min(20);
+                after.events.drain(..n);
+                (
+                    format!("ack:{n}"),
+                    Box::new(move || {
+                        let pending = store.pending_events().unwrap();
+                        let ids: Vec<u64> = pending.iter().take(n).map(|e| e.id).collect();
+                        store.ack_events(&ids).unwrap();
+                        store.flush().unwrap();
+                    }),
                 )
             }
             _ => {
                 let sha = Sha256::of(format!("removal {next_seq}").as_bytes());
                 set_record(&mut after, name, None);
                 set_seq(&mut after, name, next_seq, sha);
-                let store = &store;
+                set_kv(&mut after, name, None);
+                set_hidden(&mut after, name, None);
+                let e = record_event(&mut after, EventKind::Removed, name, next_seq);
                 (
                     format!("remove:{name}:{next_seq}"),
                     Box::new(move || {
-                        store.remove(name, next_seq, sha).unwrap();
+                        store.remove(name, next_seq, sha, &[e]).unwrap();
                     }),
                 )
             }
@@ -1095,54 +1783,123 @@ fn crash_worker(root: &Path) {
             .write_all(format!("B {op} {}\n", hex::encode(payload)).as_bytes())
             .unwrap();
         run();
-        assert_eq!(snapshot(&store), after, "the worker's model after {op}");
+        assert_eq!(
+            snapshot(store),
+            after.visible(),
+            "the worker's model after {op}"
+        );
         journal.write_all(b"A\n").unwrap();
-        // Key-value traffic between operations (not journaled: not transactional by design).
-        if let Some(rec) = after.0.iter().find(|r| r.name == name) {
-            let mut kv = store.kv(&rec.name, 1 << 16).unwrap();
-            let n = kv.get(b"n").unwrap().map_or(0, |v| v.len());
-            kv.set(b"n", &vec![b'x'; (n + 1) % 500]).unwrap();
-        }
+        model = after;
     }
 }
 
+/// Whether `Store::begin_probation` of the current version takes a snapshot.
+fn needs_snapshot(rec: &ModuleRecord) -> bool {
+    rec.state == InstallState::Probation
+        && rec.previous.is_some()
+        && rec.kv_snapshot != Some(rec.current.manifest.seq)
+}
+
 fn set_record(s: &mut Snapshot, name: &str, record: Option<ModuleRecord>) {
-    s.0.retain(|r| r.name != name);
-    s.0.extend(record);
-    s.0.sort_by(|a, b| a.name.cmp(&b.name));
+    s.records.retain(|r| r.name != name);
+    s.records.extend(record);
+    s.records.sort_by(|a, b| a.name.cmp(&b.name));
 }
 
 fn set_seq(s: &mut Snapshot, name: &str, seq: u64, sha: Sha256) {
-    s.1.retain(|(n, _)| n != name);
-    s.1.push((
+    s.seqs.retain(|(n, _)| n != name);
+    s.seqs.push((
         name.to_string(),
         SeqRecord {
             highest_seq: seq,
             last_bundle_sha256: sha,
         },
     ));
-    s.1.sort_by(|a, b| a.0.cmp(&b.0));
+    s.seqs.sort_by(|a, b| a.0.cmp(&b.0));
+}
+
+/// Sets (`Some`) or removes (`None`) `name`'s entry in a sorted list.
+fn set_entry(list: &mut Vec<(String, Option<u64>)>, name: &str, value: Option<Option<u64>>) {
+    list.retain(|(n, _)| n != name);
+    if let Some(value) = value {
+        list.push((name.to_string(), value));
+        list.sort();
+    }
+}
+
+fn set_kv(s: &mut Snapshot, name: &str, value: Option<Option<u64>>) {
+    set_entry(&mut s.kv, name, value);
+}
+
+fn set_hidden(s: &mut Snapshot, name: &str, value: Option<Option<u64>>) {
+    set_entry(&mut s.hidden, name, value);
+}
+
+fn kv_of(s: &Snapshot, name: &str) -> Option<u64> {
+    s.kv.iter().find(|(n, _)| n == name).and_then(|(_, v)| *v)
+}
+
+fn hidden_of(s: &Snapshot, name: &str) -> Option<u64> {
+    s.hidden
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, v)| *v)
+}
+
+/// Adds the event to the model's outbox (dropping the oldest beyond its bound); returns it.
+fn record_event(s: &mut Snapshot, kind: EventKind, name: &str, seq: u64) -> Event {
+    let e = event(kind, name, seq);
+    s.events.push(describe(&e));
+    let excess = s.events.len().saturating_sub(OUTBOX_MAX);
+    s.events.drain(..excess);
+    e
 }
 
 // ---------------------------------------------------------------------------------------------
-// Full disk: a 4 MiB tmpfs (root only), filled up.
+// Full disk: a 4 MiB tmpfs, filled up, in a mount namespace of its own.
 
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        == Some("0")
-}
+const TMPFS_ENV: &str = "EDGE_AGENT_STORE_TMPFS";
+const TMPFS_DONE: &str = "tmpfs worker: done";
 
-/// Unmounts at drop, also when the test fails.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+/// Runs `work` on a 4 MiB tmpfs: the test `test` runs again in a child process in a private
+/// mount namespace (`unshare --mount`, which needs root, as the tests have in CI), where the
+/// tmpfs is mounted and `work` runs; the mount goes with the namespace. Fails, never skips,
+/// when the namespace or the tmpfs cannot be had.
+fn on_a_small_tmpfs(test: &str, work: impl FnOnce(&Path)) {
+    if let Ok(mnt) = std::env::var(TMPFS_ENV) {
+        let mnt = PathBuf::from(mnt);
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mount -t tmpfs failed: {status}");
+        work(&mnt);
+        println!("{TMPFS_DONE}");
+        return;
     }
+    let tmp = tempdir();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let runner = std::env::var("EDGE_TEST_RUNNER").unwrap_or_default();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--"])
+        .args(runner.split_whitespace())
+        .arg(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(TMPFS_ENV, &mnt)
+        .output()
+        .expect("running unshare (util-linux)");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprint!("{stderr}");
+    assert!(
+        out.status.success() && stdout.contains(TMPFS_DONE),
+        "the tmpfs worker failed ({}; a private mount namespace and a tmpfs need root):\n{stdout}\n{stderr}",
+        out.status
+    );
 }
 
 /// Writes `path` until the file system is full; returns the bytes written.
@@ -1161,27 +1918,20 @@ fn fill(path: &Path) -> u64 {
 
 #[test]
 fn a_full_disk_fails_an_install_cleanly_and_keeps_the_installed_version() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs to fill needs root");
-        return;
-    }
-    let tmp = tempdir();
-    let mnt = tmp.path().join("mnt");
-    fs::create_dir(&mnt).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount -t tmpfs failed: {status}");
-    let _unmount = Unmount(mnt.clone());
+    on_a_small_tmpfs(
+        "store::a_full_disk_fails_an_install_cleanly_and_keeps_the_installed_version",
+        full_disk_install,
+    );
+}
+
+fn full_disk_install(mnt: &Path) {
     let dir = mnt.join("store");
     let k = key(1);
     let (w1, w2) = (wasm(1, 1000), wasm(2, 300_000));
     let (v1, last_ok, failed) = {
         let store = Store::open(&dir, CACHE).unwrap();
         install(&store, &k, "demo", 1, &w1);
-        let v1 = store.confirm("demo", 1).unwrap();
+        let v1 = store.confirm("demo", 1, &[]).unwrap().0;
         let mut kv = store.kv("demo", 1 << 20).unwrap();
         kv.set(b"k", b"v").unwrap();
         store.flush().unwrap();
@@ -1253,4 +2003,142 @@ fn a_full_disk_fails_an_install_cleanly_and_keeps_the_installed_version() {
     let rec = install(&store, &k, "demo", highest + 1, &w2);
     assert_eq!(rec.previous.unwrap().manifest.seq, 1);
     assert_eq!(store.wasm(&sha(&w2)).unwrap(), w2);
+}
+
+/// Every call a broken store must refuse, with what it answered when it did not.
+fn calls_a_broken_store_refuses(store: &Store, k: &SigningKey, w: &[u8]) -> Vec<String> {
+    let e = [event(EventKind::Rejected, "demo", 1)];
+    let results: Vec<(&str, Result<(), StoreError>)> = vec![
+        ("modules", store.modules().map(drop)),
+        ("module", store.module("demo").map(drop)),
+        ("seq", store.seq("demo").map(drop)),
+        ("seqs", store.seqs().map(drop)),
+        ("wasm", store.wasm(&sha(w)).map(drop)),
+        ("kv", store.kv("demo", 100).map(drop)),
+        ("install", try_install(store, k, "demo", 999, w).map(drop)),
+        ("begin_probation", store.begin_probation("demo", 2)),
+        ("confirm", store.confirm("demo", 1, &e).map(drop)),
+        ("rollback", store.rollback("demo", "x", &e).map(drop)),
+        (
+            "set_state",
+            store.set_state("demo", InstallState::Active, &e).map(drop),
+        ),
+        (
+            "remove",
+            store.remove("demo", 1000, Sha256::of(b"r"), &e).map(drop),
+        ),
+        ("push_events", store.push_events(&e).map(drop)),
+        ("pending_events", store.pending_events().map(drop)),
+        ("ack_events", store.ack_events(&[1])),
+        ("flush", store.flush()),
+    ];
+    results
+        .into_iter()
+        .filter(|(_, r)| !matches!(r, Err(StoreError::NeedsReopen { .. })))
+        .map(|(call, r)| format!("{call}: {r:?}"))
+        .collect()
+}
+
+/// What a reopened store must hold wholly, before or after the change whose flush failed.
+type Durable = (Vec<ModuleRecord>, Vec<(String, SeqRecord)>, Vec<Event>);
+
+fn durable(store: &Store) -> Durable {
+    (
+        store.modules().unwrap(),
+        store.seqs().unwrap(),
+        store.pending_events().unwrap(),
+    )
+}
+
+#[test]
+fn a_failed_flush_leaves_the_store_broken_and_a_reopen_finds_the_old_or_the_new_state() {
+    on_a_small_tmpfs(
+        "store::a_failed_flush_leaves_the_store_broken_and_a_reopen_finds_the_old_or_the_new_state",
+        failed_flush,
+    );
+}
+
+fn failed_flush(mnt: &Path) {
+    let dir = mnt.join("store");
+    let k = key(1);
+    let w = wasm(1, 1000);
+    let (seq, before) = {
+        let store = Store::open(&dir, CACHE).unwrap();
+        install(&store, &k, "demo", 1, &w);
+        store.confirm("demo", 1, &[]).unwrap();
+        store.kv("demo", 1 << 20).unwrap().set(b"k", b"v").unwrap();
+        store.flush().unwrap();
+        assert!(!store.is_broken());
+        assert!(fill(&mnt.join("filler")) > 0);
+        // Upgrades to the Wasm already stored, each with its event, need database space only:
+        // a few fit in what sled has left, then one commits and cannot be made durable.
+        let mut failed = None;
+        for seq in 2..1000 {
+            let before = durable(&store);
+            let e = [event(EventKind::Installed, "demo", seq)];
+            match install_with_events(&store, &k, "demo", seq, &w, &e) {
+                Ok(_) => assert!(!store.is_broken(), "seq {seq}"),
+                Err(err) => {
+                    failed = Some((seq, before, err));
+                    break;
+                }
+            }
+        }
+        let (seq, before, err) = failed.expect("the database never ran out of space");
+        eprintln!("install of seq {seq} on a full disk: {err}");
+        assert!(
+            matches!(err, StoreError::Db { .. } | StoreError::File { .. }),
+            "{err}"
+        );
+        assert!(
+            store.is_broken(),
+            "a failed flush ({err}) left the store usable"
+        );
+        let answered = calls_a_broken_store_refuses(&store, &k, &w);
+        assert!(
+            answered.is_empty(),
+            "a broken store answered: {answered:#?}"
+        );
+        assert!(store.is_broken());
+        (seq, before)
+    };
+    fs::remove_file(mnt.join("filler")).unwrap();
+    let store = Store::open(&dir, CACHE).unwrap();
+    assert!(!store.is_broken());
+    let (records, seqs, events) = durable(&store);
+    if records == before.0 {
+        assert_eq!(
+            (&seqs, &events),
+            (&before.1, &before.2),
+            "the old state, wholly"
+        );
+        eprintln!("after reopen: the old state (seq {seq} lost)");
+    } else {
+        // The new state, wholly: the record, the seq and the event of the failed install.
+        let (rec, old) = (&records[0], &before.0[0]);
+        assert_eq!(rec.current.manifest.seq, seq);
+        assert_eq!(rec.current.installed_at_ms, NOW_MS + seq);
+        assert_eq!(rec.previous, old.previous);
+        assert_eq!(rec.state, InstallState::Probation);
+        assert_eq!(seqs[0].1.highest_seq, seq);
+        assert_eq!(&events[..events.len() - 1], &before.2[..]);
+        let last = events.last().unwrap();
+        assert_eq!(
+            *last,
+            Event {
+                id: last.id,
+                ..event(EventKind::Installed, "demo", seq)
+            }
+        );
+        assert!(before.2.last().is_none_or(|e| e.id < last.id));
+        eprintln!("after reopen: the new state (seq {seq})");
+    }
+    assert_eq!(
+        store.kv("demo", 100).unwrap().get(b"k").unwrap().unwrap(),
+        b"v"
+    );
+    // The store takes changes again.
+    let next = seqs[0].1.highest_seq + 1;
+    install(&store, &k, "demo", next, &wasm(2, 1000));
+    store.flush().unwrap();
 }

@@ -587,6 +587,7 @@ mod tests {
             text: "\u{1b}[2J\rforged\0\nline".into(),
         };
         let event = Event {
+            id: 0,
             ts_ms: 0,
             kind: protocol::EventKind::Rejected,
             module: "m\u{1b}".into(),

@@ -117,6 +117,11 @@ impl EventKind {
 /// A deployment event on `<p>/<device>/events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Assigned by the device's store when it records the event; strictly increasing per
+    /// device, never reused. Events are delivered at least once: consumers deduplicate by
+    /// device and id. 0 in events from agents that did not number them.
+    #[serde(default)]
+    pub id: u64,
     /// Unix milliseconds.
     pub ts_ms: u64,
     /// What happened.
@@ -193,6 +198,7 @@ mod tests {
         };
         assert_eq!(from_cbor::<Status>(&to_cbor(&status)).unwrap(), status);
         let event = Event {
+            id: 7,
             ts_ms: 1,
             kind: EventKind::RolledBack,
             module: "m".into(),

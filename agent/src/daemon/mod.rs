@@ -604,6 +604,7 @@ impl Supervisor {
             None => tracing::info!("{} {module}", kind.as_str()),
         }
         let payload = protocol::to_cbor(&DeployEvent {
+            id: 0,
             ts_ms: now_ms(),
             kind,
             module: module.to_string(),
@@ -736,12 +737,16 @@ impl Supervisor {
         let name = manifest.name.clone();
         let caps = manifest.caps.clone();
         let store = Arc::clone(&self.store);
-        let record = blocking(move || store.install(&manifest, key_id, Some(&wasm), sha, now_ms()))
-            .await
-            .map_err(|e| {
-                self.store_error(&e);
-                format!("storage failed, the running version is untouched: {e}")
-            })?;
+        let record = blocking(move || {
+            store
+                .install(&manifest, key_id, Some(&wasm), sha, now_ms(), &[])
+                .map(|r| r.0)
+        })
+        .await
+        .map_err(|e| {
+            self.store_error(&e);
+            format!("storage failed, the running version is untouched: {e}")
+        })?;
         tracing::info!(
             "module {name}: seq {} stored, starting on probation",
             record.current.manifest.seq
@@ -788,7 +793,7 @@ impl Supervisor {
         }
         let store = Arc::clone(&self.store);
         let n = name.to_string();
-        let removed = blocking(move || store.remove(&n, seq, sha))
+        let removed = blocking(move || store.remove(&n, seq, sha, &[]).map(|r| r.0))
             .await
             .map_err(|e| {
                 self.store_error(&e);
@@ -849,7 +854,9 @@ impl Supervisor {
         } else {
             let store = Arc::clone(&self.store);
             let n = name.to_string();
-            match blocking(move || store.set_state(&n, InstallState::Active)).await {
+            match blocking(move || store.set_state(&n, InstallState::Active, &[]).map(|r| r.0))
+                .await
+            {
                 Ok(record) => {
                     let mut slot = self
                         .slots
@@ -960,7 +967,9 @@ impl Supervisor {
                         let n = module.clone();
                         let c = reason.clone();
                         if let Err(e) = blocking(move || {
-                            store.set_state(&n, InstallState::Quarantined { cause: c })
+                            store
+                                .set_state(&n, InstallState::Quarantined { cause: c }, &[])
+                                .map(|r| r.0)
                         })
                         .await
                         {
@@ -1004,7 +1013,7 @@ impl Supervisor {
         let version = slot.record.current.manifest.version.clone();
         let store = Arc::clone(&self.store);
         let n = name.to_string();
-        match blocking(move || store.confirm(&n, seq)).await {
+        match blocking(move || store.confirm(&n, seq, &[]).map(|r| r.0)).await {
             Ok(record) => {
                 if let Some(slot) = self.slots.get_mut(name) {
                     slot.record = record;
@@ -1031,7 +1040,7 @@ impl Supervisor {
         let store = Arc::clone(&self.store);
         let n = name.to_string();
         let c = cause.clone();
-        match blocking(move || store.rollback(&n, &c)).await {
+        match blocking(move || store.rollback(&n, &c, &[]).map(|r| r.0)).await {
             Ok(Some(record)) => {
                 let restored = format!(
                     "{} (seq {})",

@@ -3,7 +3,7 @@
 //! that a quota bounds what the store really spends: measured with sled 0.34 (`just bench`),
 //! entries of a few bytes cost ~150 bytes of memory and ~70 bytes of disk each beyond their key
 //! and value (372 000 three-byte keys: 53 MiB RSS), which a plain byte count let a 1 MiB quota
-//! reach.
+//! reach. [`Quota`] holds those rules for every store.
 
 use std::collections::BTreeMap;
 
@@ -49,33 +49,80 @@ pub fn entry_bytes(key: &[u8], value: &[u8]) -> u64 {
     ENTRY_OVERHEAD + (key.len() + value.len()) as u64
 }
 
-/// Checks that replacing an entry of `old` bytes by one of `new` bytes fits in the quota.
-pub fn check_quota(used: u64, old: u64, new: u64, quota: u64) -> Result<(), KvError> {
-    let after = used - old.min(used) + new;
-    if new > old && after > quota {
-        return Err(KvError::QuotaExceeded {
-            used,
-            needed: new - old,
-            quota,
-        });
+/// A quota and the bytes counted against it: the quota rules, in one place for every store.
+///
+/// A store asks [`Quota::admit`] before it replaces an entry, then tells [`Quota::replaced`]
+/// (or [`Quota::removed`]) what it really replaced, as its backing storage reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    used: u64,
+    limit: u64,
+}
+
+impl Quota {
+    /// A quota of `limit` bytes with nothing counted yet.
+    pub fn new(limit: u64) -> Quota {
+        Quota { used: 0, limit }
     }
-    Ok(())
+
+    /// Bytes counted (see [`entry_bytes`]).
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// The quota in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Counts an entry that is already stored (a store counting what it holds when it opens).
+    pub fn count(&mut self, key: &[u8], value: &[u8]) {
+        self.used = self.used.saturating_add(entry_bytes(key, value));
+    }
+
+    /// Whether `key` = `value` may replace `old` (the entry's value now, if any). A write that
+    /// does not grow the count always fits, even over a quota lowered since (an upgrade);
+    /// one that grows it must end within the quota.
+    pub fn admit(&self, key: &[u8], old: Option<&[u8]>, value: &[u8]) -> Result<(), KvError> {
+        let old = old.map_or(0, |v| entry_bytes(key, v));
+        let new = entry_bytes(key, value);
+        let after = self.used - old.min(self.used) + new;
+        if new > old && after > self.limit {
+            return Err(KvError::QuotaExceeded {
+                used: self.used,
+                needed: new - old,
+                quota: self.limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// Counts `key` = `value` in place of `replaced` (the value the store reports it replaced).
+    pub fn replaced(&mut self, key: &[u8], replaced: Option<&[u8]>, value: &[u8]) {
+        self.removed(key, replaced);
+        self.used = self.used.saturating_add(entry_bytes(key, value));
+    }
+
+    /// Stops counting `key` = `removed` (nothing if there was no entry).
+    pub fn removed(&mut self, key: &[u8], removed: Option<&[u8]>) {
+        let bytes = removed.map_or(0, |v| entry_bytes(key, v));
+        self.used = self.used.saturating_sub(bytes);
+    }
 }
 
 /// An in-memory store (for `edge-agent run-module` and tests).
 #[derive(Debug, Clone, Default)]
 pub struct MemoryKv {
     entries: BTreeMap<Vec<u8>, Vec<u8>>,
-    used: u64,
-    quota: u64,
+    quota: Quota,
 }
 
 impl MemoryKv {
     /// An empty store with this quota.
     pub fn new(quota: u64) -> Self {
         MemoryKv {
-            quota,
-            ..Default::default()
+            entries: BTreeMap::new(),
+            quota: Quota::new(quota),
         }
     }
 }
@@ -86,30 +133,25 @@ impl KvStore for MemoryKv {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        let old = self.entries.get(key).map_or(0, |v| entry_bytes(key, v));
-        let new = entry_bytes(key, value);
-        check_quota(self.used, old, new, self.quota)?;
-        self.entries.insert(key.to_vec(), value.to_vec());
-        self.used = self.used - old + new;
+        self.quota
+            .admit(key, self.entries.get(key).map(Vec::as_slice), value)?;
+        let replaced = self.entries.insert(key.to_vec(), value.to_vec());
+        self.quota.replaced(key, replaced.as_deref(), value);
         Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<bool, KvError> {
-        match self.entries.remove(key) {
-            Some(v) => {
-                self.used -= entry_bytes(key, &v);
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        let removed = self.entries.remove(key);
+        self.quota.removed(key, removed.as_deref());
+        Ok(removed.is_some())
     }
 
     fn used_bytes(&self) -> u64 {
-        self.used
+        self.quota.used()
     }
 
     fn quota_bytes(&self) -> u64 {
-        self.quota
+        self.quota.limit()
     }
 }
 
@@ -150,6 +192,58 @@ mod tests {
         // Without the overhead, ~250 000 keys of up to 5 bytes fit in a MiB.
         assert!(u64::from(n) <= quota / O, "{n} entries fit");
         assert!(u64::from(n) > quota / (O + 8), "{n} entries fit");
+    }
+
+    #[test]
+    fn the_quota_admits_a_replacement_by_its_growth_and_counts_what_was_really_replaced() {
+        let mut q = Quota::new(2 * O + 10);
+        q.admit(b"k", None, b"12345").unwrap();
+        q.replaced(b"k", None, b"12345");
+        assert_eq!(q.used(), O + 6);
+        // Growing by more than is left is refused; the refusal names the growth only.
+        assert_eq!(
+            q.admit(
+                b"k",
+                Some(b"12345"),
+                &vec![0; usize::try_from(O + 10).unwrap()]
+            ),
+            Err(KvError::QuotaExceeded {
+                used: O + 6,
+                needed: O + 5,
+                quota: 2 * O + 10
+            })
+        );
+        // Growth that fits, and a new entry that fits exactly.
+        q.admit(b"k", Some(b"12345"), b"123456").unwrap();
+        q.replaced(b"k", Some(b"12345"), b"123456");
+        q.admit(b"j", None, b"12").unwrap();
+        q.replaced(b"j", None, b"12");
+        assert_eq!(q.used(), 2 * O + 10);
+        assert!(q.admit(b"i", None, b"").is_err());
+        // What the store reports it replaced is what stops counting.
+        q.replaced(b"k", Some(b"123456"), b"1");
+        assert_eq!(q.used(), 2 * O + 5);
+        q.removed(b"j", Some(b"12"));
+        q.removed(b"j", None);
+        assert_eq!(q.used(), O + 2);
+    }
+
+    #[test]
+    fn over_a_lowered_quota_only_writes_that_do_not_grow_are_admitted() {
+        let mut q = Quota::new(5);
+        q.count(b"key", b"a long value");
+        assert_eq!((q.used(), q.limit()), (O + 15, 5));
+        q.admit(b"key", Some(b"a long value"), b"short").unwrap();
+        q.admit(b"key", Some(b"a long value"), b"a long value")
+            .unwrap();
+        assert!(
+            q.admit(b"key", Some(b"a long value"), b"a longer value")
+                .is_err()
+        );
+        assert!(q.admit(b"new", None, b"").is_err());
+        // Counting never wraps, whatever a store reports.
+        q.removed(b"key", Some(&[0; 200]));
+        assert_eq!(q.used(), 0);
     }
 
     #[test]

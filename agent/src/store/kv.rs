@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::runtime::kv::{KvError, KvStore, check_quota, entry_bytes};
+use crate::runtime::kv::{KvError, KvStore, Quota};
 
 use super::StoreError;
 
@@ -16,26 +16,24 @@ use super::StoreError;
 pub struct SledKv {
     module: String,
     tree: sled::Tree,
-    used: u64,
-    quota: u64,
+    quota: Quota,
 }
 
 impl SledKv {
     /// Opens `tree` for `module`, counting the bytes it holds.
     pub(super) fn open(module: &str, tree: sled::Tree, quota: u64) -> Result<SledKv, StoreError> {
-        let mut used = 0u64;
+        let mut counted = Quota::new(quota);
         for entry in tree.iter() {
             let (k, v) = entry.map_err(|source| StoreError::Db {
                 action: format!("reading the key-value store of module {module:?}"),
                 source,
             })?;
-            used += entry_bytes(&k, &v);
+            counted.count(&k, &v);
         }
         Ok(SledKv {
             module: module.to_string(),
             tree,
-            used,
-            quota,
+            quota: counted,
         })
     }
 
@@ -51,8 +49,8 @@ impl fmt::Debug for SledKv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SledKv")
             .field("module", &self.module)
-            .field("used", &self.used)
-            .field("quota", &self.quota)
+            .field("used", &self.quota.used())
+            .field("quota", &self.quota.limit())
             .finish_non_exhaustive()
     }
 }
@@ -66,42 +64,31 @@ impl KvStore for SledKv {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), KvError> {
-        let old = self
-            .tree
-            .get(key)
-            .map_err(|e| self.storage("read", e))?
-            .map_or(0, |v| entry_bytes(key, &v));
-        let new = entry_bytes(key, value);
-        check_quota(self.used, old, new, self.quota)?;
+        let old = self.tree.get(key).map_err(|e| self.storage("read", e))?;
+        self.quota.admit(key, old.as_deref(), value)?;
         // The value replaced is the one sled reports, in case it changed since the read above.
         let replaced = self
             .tree
             .insert(key, value)
-            .map_err(|e| self.storage("write", e))?
-            .map_or(0, |v| entry_bytes(key, &v));
-        self.used = self.used.saturating_sub(replaced) + new;
+            .map_err(|e| self.storage("write", e))?;
+        self.quota.replaced(key, replaced.as_deref(), value);
         Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<bool, KvError> {
-        match self
+        let removed = self
             .tree
             .remove(key)
-            .map_err(|e| self.storage("delete", e))?
-        {
-            Some(v) => {
-                self.used = self.used.saturating_sub(entry_bytes(key, &v));
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+            .map_err(|e| self.storage("delete", e))?;
+        self.quota.removed(key, removed.as_deref());
+        Ok(removed.is_some())
     }
 
     fn used_bytes(&self) -> u64 {
-        self.used
+        self.quota.used()
     }
 
     fn quota_bytes(&self) -> u64 {
-        self.quota
+        self.quota.limit()
     }
 }

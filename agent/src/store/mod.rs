@@ -6,35 +6,63 @@
 //! The store directory holds:
 //!
 //! - `sled/` — a sled 0.34 database with these trees:
-//!   - `meta`: `schema_version` → the schema version, u64 big-endian (`1`).
+//!   - `meta`: `schema_version` → the schema version, u64 big-endian (`1`); `outbox_next_id` →
+//!     the next event id, u64 big-endian; `outbox_dropped` → how many events the full outbox
+//!     dropped, u64 big-endian (absent while none was).
 //!   - `modules`: module name (UTF-8) → CBOR [`ModuleRecord`]: the current version, the previous
-//!     one (the rollback target) and the explicit [`InstallState`].
+//!     one (the rollback target), the explicit [`InstallState`] and `kv_snapshot`, the seq whose
+//!     probation the key-value snapshot belongs to (omitted when there is none).
 //!   - `blob_refs`: Wasm SHA-256 (32 bytes) → u64 big-endian: how many version slots (current or
 //!     previous, of any module) refer to that blob. No entry when none does.
 //!   - `seqs`: module name → CBOR [`SeqRecord`]: the highest `seq` ever accepted for that name
 //!     (installs and removals) and the bundle that carried it. Never deleted, so a removed module
 //!     cannot come back at an old version.
 //!   - `kv/<name>`: the module's key-value data, raw keys → raw values (see [`SledKv`]); kept
-//!     across versions, rollbacks and restarts, dropped when the module is removed.
+//!     across versions and restarts, restored from the snapshot by a rollback, dropped when the
+//!     module is removed.
+//!   - `kvsnap/<name>`: a copy of `kv/<name>` taken when a new version with a rollback target
+//!     starts its probation ([`Store::begin_probation`]); it exists while the record's
+//!     `kv_snapshot` names the current version, and a rollback copies it back.
+//!   - `outbox`: event id, u64 big-endian → CBOR [`Event`] (with its id): deployment events
+//!     recorded with the change that caused them and kept until the caller acknowledges that
+//!     the broker has them ([`Store::ack_events`]); at most [`OUTBOX_MAX`], the oldest dropped.
 //! - `wasm/<sha256 hex>` — the Wasm blobs, one file each, named by the SHA-256 of their content
 //!   (`<sha256 hex>.tmp` while one is being written). Their SHA-256 is checked on every read.
 //!
 //! CBOR is ciborium's serde encoding of the types below (text keys, digests as byte strings).
 //!
+//! The snapshot trees, the outbox and its `meta` keys came after the first stores were written;
+//! they are additions only, so the schema version stays 1: a store without them opens as one
+//! with no snapshots and an empty outbox (a record without `kv_snapshot` decodes to `None`),
+//! and an agent that does not know them ignores them.
+//!
 //! # Atomicity
 //!
-//! Install, rollback and removal are each one sled transaction over `modules`, `blob_refs` and
-//! `seqs`, flushed before the function returns: after a crash (kill -9, panic = abort, power cut)
-//! the store holds either the old or the new state, never a mix. A Wasm file is written and
-//! fsynced *before* the transaction that first refers to it, and deleted only *after* the
-//! transaction that drops its last reference is flushed, so every referenced blob always has its
-//! file. What a crash can leave behind — a blob file nothing refers to, the key-value tree of a
-//! module that is no longer installed — is removed by [`Store::open`], which also recomputes the
+//! Install, confirmation, rollback, removal and state changes are each one sled transaction over
+//! `modules`, `blob_refs`, `seqs`, `meta` and `outbox` (and, for taking and restoring a
+//! key-value snapshot, the module's `kv/<name>` and `kvsnap/<name>`), flushed before the
+//! function returns: after a crash (kill -9, panic = abort, power cut) the store holds either
+//! the old or the new state — record, seqs, key-value data restored, events recorded — never a
+//! mix. sled transactions cannot scan a tree, so the entries copied are read just before the
+//! transaction, under the lock every change holds, with no instance writing the tree (the
+//! caller's part). A Wasm file is written and fsynced *before* the transaction that first
+//! refers to it, and deleted only *after* the transaction that drops its last reference is
+//! flushed, so every referenced blob always has its file. What a crash can leave behind — a
+//! blob file nothing refers to, the key-value tree of a module that is no longer installed, a
+//! snapshot no record points at — is removed by [`Store::open`], which also recomputes the
 //! reference counts from the records and rewrites them if they differ (they never should).
+//! Dropping a tree is not transactional, so snapshots and key-value trees are dropped after the
+//! transaction that stops referring to them.
+//!
+//! Events not caused by a change ([`Store::push_events`]) and acknowledgements are not flushed
+//! by themselves: after a crash such an event may be missing and an acknowledged one may be
+//! delivered again (at least once; consumers deduplicate by device and id). Ids are never
+//! reused: [`Store::open`] moves the next id past any that may have been handed out unflushed.
 //!
 //! Wasm lives in files rather than in a sled tree because sled 0.34 writes values larger than a
 //! quarter of its 512 KiB segment to side files it does not fsync, and on recovery skips a
 //! missing one while applying the rest of its batch: after a power cut that would be a mix.
+//! (Key-value values are at most 16 KiB, so a snapshot's copy never makes side files.)
 //! Durability: sled's `flush` writes its log with `sync_file_range`, which neither flushes the
 //! drive's cache nor the file's metadata; every flush here is followed by an fsync of the log
 //! file (and of sled's side files, for large key-value entries).
@@ -47,6 +75,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -60,6 +89,7 @@ use sled::transaction::{
 
 use crate::core::keys::KeyId;
 use crate::core::manifest::{Action, Manifest, Sha256, is_valid_module_name};
+use crate::core::protocol::Event;
 
 pub use kv::SledKv;
 
@@ -70,6 +100,18 @@ pub const SCHEMA_VERSION: u64 = 1;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 /// Prefix of the per-module key-value trees.
 const KV_PREFIX: &[u8] = b"kv/";
+/// Prefix of the key-value snapshots taken when a version starts its probation.
+const SNAPSHOT_PREFIX: &[u8] = b"kvsnap/";
+/// Keys in the `meta` tree: the next event id, and how many events the full outbox dropped.
+const NEXT_ID_KEY: &[u8] = b"outbox_next_id";
+const DROPPED_KEY: &[u8] = b"outbox_dropped";
+/// The first event id of a new store.
+const FIRST_EVENT_ID: u64 = 1;
+/// Each opening of the store moves the next event id to the next multiple of this (see
+/// [`Store::push_events`]).
+const EVENT_IDS_PER_OPEN: u64 = 1 << 32;
+/// The most events the outbox holds; recording more drops the oldest.
+pub const OUTBOX_MAX: usize = 1024;
 /// The sled database, under the store directory.
 const SLED_DIR: &str = "sled";
 /// The Wasm blob files, under the store directory.
@@ -250,6 +292,10 @@ pub struct ModuleRecord {
     pub previous: Option<StoredVersion>,
     /// Where it is in its lifecycle.
     pub state: InstallState,
+    /// The seq whose probation the key-value snapshot (`kvsnap/<name>`) belongs to: a rollback
+    /// while that seq is current restores the key-value tree from it. `None` when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_snapshot: Option<u64>,
 }
 
 impl ModuleRecord {
@@ -281,6 +327,9 @@ pub struct Store {
     modules: sled::Tree,
     blob_refs: sled::Tree,
     seqs: sled::Tree,
+    outbox: sled::Tree,
+    /// Events the full outbox dropped, as recorded in `meta`.
+    outbox_dropped: AtomicU64,
     blobs: files::BlobDir,
     /// Held by every change, so a blob file is never deleted while another change needs it.
     writer: Mutex<()>,
@@ -296,8 +345,26 @@ impl fmt::Debug for Store {
     }
 }
 
-/// A transaction over `modules`, `blob_refs` and `seqs`.
+/// A transaction's result.
 type Tx<A> = ConflictableTransactionResult<A, StoreError>;
+
+/// The trees every transaction covers.
+struct Trees<'a> {
+    modules: &'a TransactionalTree,
+    refs: &'a TransactionalTree,
+    seqs: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    outbox: &'a TransactionalTree,
+}
+
+/// Events a transaction recorded in the outbox.
+#[derive(Default)]
+struct Pushed {
+    /// The events, with their ids.
+    events: Vec<Event>,
+    /// How many events (older ones, or these) the bound on the outbox dropped.
+    dropped: u64,
+}
 
 impl Store {
     /// Opens (or creates) the store in `dir` with a page cache of `cache_capacity_bytes`. Writes
@@ -335,11 +402,12 @@ impl Store {
                 source,
             })
         };
-        let (meta, modules, blob_refs, seqs) = (
+        let (meta, modules, blob_refs, seqs, outbox) = (
             tree("meta")?,
             tree("modules")?,
             tree("blob_refs")?,
             tree("seqs")?,
+            tree("outbox")?,
         );
         let wasm_dir = dir.join(WASM_DIR);
         let blobs =
@@ -367,6 +435,8 @@ impl Store {
             modules,
             blob_refs,
             seqs,
+            outbox,
+            outbox_dropped: AtomicU64::new(0),
             blobs,
             writer: Mutex::new(()),
             broken: OnceLock::new(),
@@ -475,9 +545,15 @@ impl Store {
     /// Installs (or upgrades to) a verified bundle, in one transaction: the Wasm blob stored (if
     /// new), `current` = the new version in state [`InstallState::Probation`], `previous` = the
     /// old current if any (the older previous is dropped, its blob deleted if nothing else refers
-    /// to it), and the seq record = (`manifest.seq`, `bundle_sha256`). Refuses
-    /// ([`StoreError::SeqNotGreater`]) a seq not greater than the highest ever accepted for the
-    /// name, and anything but an install carrying its Wasm. Flushed before it returns.
+    /// to it), the seq record = (`manifest.seq`, `bundle_sha256`), and `events` recorded in the
+    /// outbox. Refuses ([`StoreError::SeqNotGreater`]) a seq not greater than the highest ever
+    /// accepted for the name, and anything but an install carrying its Wasm; a refusal records
+    /// nothing. Flushed before it returns. Returns the record and the events with their ids.
+    ///
+    /// An old current that never proved itself (on probation, quarantined, failed) is dropped and
+    /// the older previous stays the rollback target; so does its key-value snapshot, if it has
+    /// one, which then belongs to the new version's probation ([`Store::begin_probation`] keeps
+    /// it): a rollback returns the previous version to its key-value data as it last ran.
     pub fn install(
         &self,
         m: &Manifest,
@@ -485,7 +561,8 @@ impl Store {
         wasm: Option<&[u8]>,
         bundle_sha256: Sha256,
         now_ms: u64,
-    ) -> Result<ModuleRecord, StoreError> {
+        events: &[Event],
+    ) -> Result<(ModuleRecord, Vec<Event>), StoreError> {
         self.usable()?;
         let name = m.name.as_str();
         check_name(name)?;
@@ -510,10 +587,12 @@ impl Store {
         check_seq(name, m.seq, self.seq(name)?)?;
         let installed_before = self.module(name)?.is_some();
         if !installed_before {
-            // A fresh install starts with an empty key-value store, even if an earlier removal
-            // was interrupted before it dropped the old one.
+            // A fresh install starts with an empty key-value store and no snapshot, even if an
+            // earlier removal was interrupted before it dropped them.
             self.drop_kv(name)?;
+            self.drop_snapshot(name)?;
         }
+        let pending = self.pending_ids(events)?;
         self.blobs
             .write(&sha, wasm)
             .map_err(|(path, source)| StoreError::WriteBlob {
@@ -528,44 +607,54 @@ impl Store {
             installed_at_ms: now_ms,
         };
         let action = || format!("installing module {name:?} seq {}", m.seq);
-        let result = self.transact(action, |modules, refs, seqs| {
-            check_seq(name, m.seq, tx_seq(seqs, name)?)
+        let result = self.transact(action, |t| {
+            check_seq(name, m.seq, tx_seq(t.seqs, name)?)
                 .map_err(ConflictableTransactionError::Abort)?;
             let mut deltas = Deltas::default();
             deltas.add(sha, 1);
             // The rollback target is the last version that proved itself (Active). An old
             // current that never did (still on probation, quarantined, failed) is dropped and
-            // the older previous stays.
-            let previous = tx_record(modules, name)?.and_then(|old| {
-                if old.state == InstallState::Active {
+            // the older previous stays, with its snapshot.
+            let (previous, kv_snapshot) = match tx_record(t.modules, name)? {
+                Some(old) if old.state == InstallState::Active => {
                     if let Some(older) = &old.previous {
                         deltas.add(older.wasm_sha256(), -1);
                     }
-                    Some(old.current)
-                } else {
-                    deltas.add(old.current.wasm_sha256(), -1);
-                    old.previous
+                    (Some(old.current), None)
                 }
-            });
+                Some(old) => {
+                    deltas.add(old.current.wasm_sha256(), -1);
+                    let snapshot = old.kv_snapshot.and(old.previous.as_ref()).map(|_| m.seq);
+                    (old.previous, snapshot)
+                }
+                None => (None, None),
+            };
             let record = ModuleRecord {
                 name: name.to_string(),
                 current: version.clone(),
                 previous,
                 state: InstallState::Probation,
+                kv_snapshot,
             };
-            modules.insert(name.as_bytes(), encode(&record))?;
+            t.modules.insert(name.as_bytes(), encode(&record))?;
             let seq = SeqRecord {
                 highest_seq: m.seq,
                 last_bundle_sha256: bundle_sha256,
             };
-            seqs.insert(name.as_bytes(), encode(&seq))?;
-            let freed = deltas.apply(refs)?;
-            Ok((record, freed))
+            t.seqs.insert(name.as_bytes(), encode(&seq))?;
+            let freed = deltas.apply(t.refs)?;
+            let pushed = tx_push(t, &pending, events)?;
+            Ok((record, freed, pushed))
         });
         match result {
-            Ok((record, freed)) => {
+            Ok((record, freed, pushed)) => {
+                self.pushed(&pushed);
                 self.commit(&action(), &freed)?;
-                Ok(record)
+                if record.kv_snapshot.is_none() {
+                    // A snapshot the old record pointed at belongs to nothing now.
+                    let _ = self.drop_snapshot(name);
+                }
+                Ok((record, pushed.events))
             }
             Err(e) => {
                 // The blob written above may be referenced by nothing now.
@@ -577,39 +666,111 @@ impl Store {
         }
     }
 
-    /// Probation passed: state [`InstallState::Probation`] → [`InstallState::Active`], if the
-    /// current version's seq is `seq`; otherwise nothing changes. Returns the record. Flushed.
-    pub fn confirm(&self, name: &str, seq: u64) -> Result<ModuleRecord, StoreError> {
+    /// The version `seq` of `name` starts its probation: if it is the current version, in state
+    /// [`InstallState::Probation`], with a previous version to roll back to, the module's whole
+    /// key-value tree is copied to its snapshot (`kvsnap/<name>`, replacing any older one) and
+    /// the record's `kv_snapshot` set to `seq`, in one transaction, flushed. A rollback while
+    /// `seq` is current then gives the previous version its key-value data back as it was.
+    ///
+    /// Idempotent: nothing changes when the snapshot already belongs to `seq` (after a restart
+    /// during the probation, the tree holds the new version's writes; the snapshot must stay).
+    /// Nothing is taken for a first install (there is nothing to roll back to) or a version
+    /// that is not current or not on probation. Call it before the version's first instance
+    /// runs, with no instance writing the module's key-value tree during the call.
+    pub fn begin_probation(&self, name: &str, seq: u64) -> Result<(), StoreError> {
         self.usable()?;
+        check_name(name)?;
         let _writer = self.lock();
-        let action = || format!("confirming module {name:?} seq {seq}");
-        let (record, changed) = self.transact(action, |modules, _, _| {
-            let mut record = tx_installed(modules, name)?;
-            if record.state != InstallState::Probation || record.current.manifest.seq != seq {
-                return Ok((record, false));
-            }
-            record.state = InstallState::Active;
-            modules.insert(name.as_bytes(), encode(&record))?;
-            Ok((record, true))
+        let record = self.module(name)?.ok_or_else(|| StoreError::NotInstalled {
+            module: name.to_string(),
         })?;
-        if changed {
+        if !needs_snapshot(&record, seq) {
+            return Ok(());
+        }
+        let (kv, snapshot) = (self.kv_tree(name)?, self.snapshot_tree(name)?);
+        let entries = read_entries(&kv, name)?;
+        let stale = read_entries(&snapshot, name)?;
+        let action = || format!("taking the key-value snapshot of module {name:?} seq {seq}");
+        let taken = self.transact_kv(action, &kv, &snapshot, |t, _, snap| {
+            let mut record = tx_installed(t.modules, name)?;
+            if !needs_snapshot(&record, seq) {
+                return Ok(false);
+            }
+            for (k, _) in &stale {
+                snap.remove(k)?;
+            }
+            for (k, v) in &entries {
+                snap.insert(k, v)?;
+            }
+            record.kv_snapshot = Some(seq);
+            t.modules.insert(name.as_bytes(), encode(&record))?;
+            Ok(true)
+        })?;
+        if taken {
             self.commit(&action(), &[])?;
         }
-        Ok(record)
+        Ok(())
+    }
+
+    /// Probation passed: state [`InstallState::Probation`] → [`InstallState::Active`] and the
+    /// key-value snapshot dropped, if the current version's seq is `seq`; otherwise the record
+    /// does not change. `events` are recorded in the outbox either way (the caller decided they
+    /// happened), in the same transaction. Returns the record and the events with their ids.
+    /// Flushed when anything was written.
+    pub fn confirm(
+        &self,
+        name: &str,
+        seq: u64,
+        events: &[Event],
+    ) -> Result<(ModuleRecord, Vec<Event>), StoreError> {
+        self.usable()?;
+        let _writer = self.lock();
+        let pending = self.pending_ids(events)?;
+        let action = || format!("confirming module {name:?} seq {seq}");
+        let (record, changed, pushed) = self.transact(action, |t| {
+            let mut record = tx_installed(t.modules, name)?;
+            let pushed = tx_push(t, &pending, events)?;
+            if record.state != InstallState::Probation || record.current.manifest.seq != seq {
+                return Ok((record, false, pushed));
+            }
+            record.state = InstallState::Active;
+            record.kv_snapshot = None;
+            t.modules.insert(name.as_bytes(), encode(&record))?;
+            Ok((record, true, pushed))
+        })?;
+        self.pushed(&pushed);
+        if changed || !pushed.events.is_empty() {
+            self.commit(&action(), &[])?;
+        }
+        if changed {
+            let _ = self.drop_snapshot(name);
+        }
+        Ok((record, pushed.events))
     }
 
     /// Probation failed: in one transaction, `current` = `previous`, `previous` = none, state
-    /// [`InstallState::Active`]; the failed version's blob is deleted if nothing else refers to
-    /// it. The seq record is not lowered, so neither the failed bundle nor anything older can be
+    /// [`InstallState::Active`], the module's key-value tree restored from the snapshot
+    /// [`Store::begin_probation`] took for the failed version (when the record points at one
+    /// for it; without one the tree stays as it is), and `events` recorded in the outbox; the
+    /// failed version's blob is deleted if nothing else refers to it, the snapshot dropped. The
+    /// seq record is not lowered, so neither the failed bundle nor anything older can be
     /// applied again. Returns the restored record; with no previous version the record stays,
-    /// in state [`InstallState::Failed`] with `cause`, and `None` is returned. Flushed.
-    pub fn rollback(&self, name: &str, cause: &str) -> Result<Option<ModuleRecord>, StoreError> {
+    /// in state [`InstallState::Failed`] with `cause`, and `None` is returned. Flushed. Drop the
+    /// module's [`SledKv`] first: one opened afterwards counts the restored data.
+    pub fn rollback(
+        &self,
+        name: &str,
+        cause: &str,
+        events: &[Event],
+    ) -> Result<(Option<ModuleRecord>, Vec<Event>), StoreError> {
         self.usable()?;
         let _writer = self.lock();
+        let pending = self.pending_ids(events)?;
         let action = || format!("rolling back module {name:?}");
-        let (restored, freed) = self.transact(action, |modules, refs, _| {
-            let mut record = tx_installed(modules, name)?;
-            match record.previous.take() {
+        let rollback = |t: &Trees<'_>| -> Tx<_> {
+            let mut record = tx_installed(t.modules, name)?;
+            let snapshot = record.kv_snapshot.take();
+            let result = match record.previous.take() {
                 Some(previous) => {
                     let mut deltas = Deltas::default();
                     deltas.add(record.current.wasm_sha256(), -1);
@@ -618,40 +779,81 @@ impl Store {
                         current: previous,
                         previous: None,
                         state: InstallState::Active,
+                        kv_snapshot: None,
                     };
-                    modules.insert(name.as_bytes(), encode(&restored))?;
-                    let freed = deltas.apply(refs)?;
-                    Ok((Some(restored), freed))
+                    t.modules.insert(name.as_bytes(), encode(&restored))?;
+                    let freed = deltas.apply(t.refs)?;
+                    (Some(restored), freed)
                 }
                 None => {
                     record.state = InstallState::Failed {
                         cause: cause.to_string(),
                     };
-                    modules.insert(name.as_bytes(), encode(&record))?;
-                    Ok((None, Vec::new()))
+                    t.modules.insert(name.as_bytes(), encode(&record))?;
+                    (None, Vec::new())
                 }
-            }
-        })?;
+            };
+            let pushed = tx_push(t, &pending, events)?;
+            // Whether the snapshot is the one to restore: taken for the failed version.
+            let restore = result.0.is_some() && snapshot == Some(record.current.manifest.seq);
+            Ok((result, pushed, restore))
+        };
+        let restorable = self
+            .module(name)?
+            .is_some_and(|r| r.previous.is_some() && r.kv_snapshot == Some(r.current.manifest.seq));
+        let ((restored, freed), pushed) = if restorable {
+            let (kv, snapshot) = (self.kv_tree(name)?, self.snapshot_tree(name)?);
+            let now = read_entries(&kv, name)?;
+            let saved = read_entries(&snapshot, name)?;
+            self.transact_kv(action, &kv, &snapshot, |t, kv, _| {
+                let (result, pushed, restore) = rollback(t)?;
+                if restore {
+                    for (k, _) in &now {
+                        kv.remove(k)?;
+                    }
+                    for (k, v) in &saved {
+                        kv.insert(k, v)?;
+                    }
+                }
+                Ok((result, pushed))
+            })?
+        } else {
+            self.transact(action, |t| {
+                let (result, pushed, _) = rollback(t)?;
+                Ok((result, pushed))
+            })?
+        };
+        self.pushed(&pushed);
         self.commit(&action(), &freed)?;
-        Ok(restored)
+        let _ = self.drop_snapshot(name);
+        Ok((restored, pushed.events))
     }
 
     /// A signed removal: in one transaction, the record removed, its blobs deleted if nothing
-    /// else refers to them, and the seq record = (`seq`, `bundle_sha256`) — `seq` must exceed the
-    /// highest accepted before ([`StoreError::SeqNotGreater`]). Then the module's key-value tree
-    /// is dropped (if a crash intervenes, [`Store::open`] drops it). Valid with nothing
+    /// else refers to them, the seq record = (`seq`, `bundle_sha256`) — `seq` must exceed the
+    /// highest accepted before ([`StoreError::SeqNotGreater`]; nothing is recorded then) — and
+    /// `events` recorded in the outbox. Then the module's key-value tree and its snapshot are
+    /// dropped (if a crash intervenes, [`Store::open`] drops them). Valid with nothing
     /// installed too: the seq is recorded so an older install cannot come back. Returns whether
-    /// a module was installed. Flushed. Drop the module's [`SledKv`] first.
-    pub fn remove(&self, name: &str, seq: u64, bundle_sha256: Sha256) -> Result<bool, StoreError> {
+    /// a module was installed and the events with their ids. Flushed. Drop the module's
+    /// [`SledKv`] first.
+    pub fn remove(
+        &self,
+        name: &str,
+        seq: u64,
+        bundle_sha256: Sha256,
+        events: &[Event],
+    ) -> Result<(bool, Vec<Event>), StoreError> {
         self.usable()?;
         check_name(name)?;
         let _writer = self.lock();
+        let pending = self.pending_ids(events)?;
         let action = || format!("removing module {name:?} at seq {seq}");
-        let (was_installed, freed) = self.transact(action, |modules, refs, seqs| {
-            check_seq(name, seq, tx_seq(seqs, name)?)
+        let (was_installed, freed, pushed) = self.transact(action, |t| {
+            check_seq(name, seq, tx_seq(t.seqs, name)?)
                 .map_err(ConflictableTransactionError::Abort)?;
             let mut deltas = Deltas::default();
-            let old = match modules.remove(name.as_bytes())? {
+            let old = match t.modules.remove(name.as_bytes())? {
                 Some(v) => Some(
                     decode_record(name.as_bytes(), &v)
                         .map_err(ConflictableTransactionError::Abort)?,
@@ -665,30 +867,110 @@ impl Store {
                 highest_seq: seq,
                 last_bundle_sha256: bundle_sha256,
             };
-            seqs.insert(name.as_bytes(), encode(&record))?;
-            Ok((old.is_some(), deltas.apply(refs)?))
+            t.seqs.insert(name.as_bytes(), encode(&record))?;
+            let freed = deltas.apply(t.refs)?;
+            Ok((old.is_some(), freed, tx_push(t, &pending, events)?))
         })?;
+        self.pushed(&pushed);
         self.commit(&action(), &freed)?;
         // The removal is durable; a tree left behind by a failure here is dropped by the next
         // install of the name or the next open.
         let _ = self.drop_kv(name);
-        Ok(was_installed)
+        let _ = self.drop_snapshot(name);
+        Ok((was_installed, pushed.events))
     }
 
     /// Sets the state of an installed module (typically [`InstallState::Active`],
-    /// [`InstallState::Quarantined`] or [`InstallState::Failed`]). Flushed.
-    pub fn set_state(&self, name: &str, state: InstallState) -> Result<ModuleRecord, StoreError> {
+    /// [`InstallState::Quarantined`] or [`InstallState::Failed`]) and records `events` in the
+    /// outbox, in one transaction. The key-value snapshot, if any, stays. Flushed.
+    pub fn set_state(
+        &self,
+        name: &str,
+        state: InstallState,
+        events: &[Event],
+    ) -> Result<(ModuleRecord, Vec<Event>), StoreError> {
         self.usable()?;
         let _writer = self.lock();
+        let pending = self.pending_ids(events)?;
         let action = || format!("setting the state of module {name:?}");
-        let record = self.transact(action, |modules, _, _| {
-            let mut record = tx_installed(modules, name)?;
+        let (record, pushed) = self.transact(action, |t| {
+            let mut record = tx_installed(t.modules, name)?;
             record.state = state.clone();
-            modules.insert(name.as_bytes(), encode(&record))?;
-            Ok(record)
+            t.modules.insert(name.as_bytes(), encode(&record))?;
+            Ok((record, tx_push(t, &pending, events)?))
         })?;
+        self.pushed(&pushed);
         self.commit(&action(), &[])?;
-        Ok(record)
+        Ok((record, pushed.events))
+    }
+
+    /// Records events that no change of the store causes (a refused bundle, say) in the
+    /// outbox, in their own transaction, and returns them with their ids. Not flushed: they
+    /// become durable with the next flush (of any change, or sled's own within half a second).
+    ///
+    /// Event ids strictly increase and are never reused, also across restarts and crashes:
+    /// the next id is kept in `meta` and written in the transaction that uses it, and because
+    /// an id handed out here may be lost in a crash before it was flushed (and perhaps already
+    /// published), every [`Store::open`] moves the next id on to the next multiple of 2^32.
+    /// The outbox holds at most [`OUTBOX_MAX`] events: recording more drops the oldest, in the
+    /// same transaction, counted in [`Store::outbox_dropped`].
+    pub fn push_events(&self, events: &[Event]) -> Result<Vec<Event>, StoreError> {
+        self.usable()?;
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _writer = self.lock();
+        let pending = self.pending_ids(events)?;
+        let pushed = self.transact(
+            || "recording events".into(),
+            |t| tx_push(t, &pending, events),
+        )?;
+        self.pushed(&pushed);
+        Ok(pushed.events)
+    }
+
+    /// The events in the outbox (recorded, not yet acknowledged), in id order.
+    pub fn pending_events(&self) -> Result<Vec<Event>, StoreError> {
+        self.usable()?;
+        self.outbox
+            .iter()
+            .map(|entry| {
+                let (k, v) = entry.map_err(|source| StoreError::Db {
+                    action: "reading the event outbox".into(),
+                    source,
+                })?;
+                decode_event(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Removes these events from the outbox: the broker has them. Ids not in the outbox are
+    /// ignored. Not flushed: after a crash an acknowledged event may be delivered again.
+    pub fn ack_events(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.usable()?;
+        let _writer = self.lock();
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            batch.remove(&id.to_be_bytes()[..]);
+        }
+        self.outbox
+            .apply_batch(batch)
+            .map_err(|source| StoreError::Db {
+                action: "removing acknowledged events".into(),
+                source,
+            })
+    }
+
+    /// How many events the outbox dropped because it was full ([`OUTBOX_MAX`]), over the
+    /// store's life.
+    pub fn outbox_dropped(&self) -> u64 {
+        self.outbox_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether a committed change could not be made durable: from then on every call answers
+    /// [`StoreError::NeedsReopen`], and the store must be reopened (the agent restarted).
+    pub fn is_broken(&self) -> bool {
+        self.broken.get().is_some()
     }
 
     /// The key-value store of installed module `name` with this quota: its own sled tree, kept
@@ -702,14 +984,7 @@ impl Store {
                 module: name.to_string(),
             });
         }
-        let tree = self
-            .db
-            .open_tree(kv_tree(name))
-            .map_err(|source| StoreError::Db {
-                action: format!("opening the key-value store of module {name:?}"),
-                source,
-            })?;
-        SledKv::open(name, tree, quota_bytes)
+        SledKv::open(name, self.kv_tree(name)?, quota_bytes)
     }
 
     /// Makes everything written so far durable (key-value writes included); for shutdown.
@@ -783,12 +1058,12 @@ impl Store {
         if stored != expected {
             self.transact(
                 || "repairing blob reference counts".into(),
-                |_, refs, _| {
+                |t| {
                     for sha in stored.keys() {
-                        refs.remove(&sha.0[..])?;
+                        t.refs.remove(&sha.0[..])?;
                     }
                     for (sha, n) in &expected {
-                        refs.insert(&sha.0[..], &n.to_be_bytes())?;
+                        t.refs.insert(&sha.0[..], &n.to_be_bytes())?;
                     }
                     Ok(())
                 },
@@ -822,30 +1097,128 @@ impl Store {
             source,
         })?;
         let installed: BTreeSet<&[u8]> = records.iter().map(|r| r.name.as_bytes()).collect();
+        // A snapshot is kept only while its record points at it (for the current version).
+        let snapshots: BTreeSet<&[u8]> = records
+            .iter()
+            .filter(|r| r.kv_snapshot == Some(r.current.manifest.seq))
+            .map(|r| r.name.as_bytes())
+            .collect();
         for tree in self.db.tree_names() {
-            if let Some(name) = tree.strip_prefix(KV_PREFIX)
-                && !installed.contains(name)
-            {
+            let leftover = if let Some(name) = tree.strip_prefix(KV_PREFIX) {
+                (!installed.contains(name)).then_some(("key-value store", name))
+            } else if let Some(name) = tree.strip_prefix(SNAPSHOT_PREFIX) {
+                (!snapshots.contains(name)).then_some(("key-value snapshot", name))
+            } else {
+                None
+            };
+            if let Some((what, name)) = leftover {
                 self.db.drop_tree(&tree).map_err(|source| StoreError::Db {
                     action: format!(
-                        "dropping the key-value store of removed module {:?}",
+                        "dropping the leftover {what} of module {:?}",
                         String::from_utf8_lossy(name)
                     ),
                     source,
                 })?;
             }
         }
+        self.clean_up_outbox()?;
         self.sync("cleaning up the store")
     }
 
-    /// Runs `f` as one transaction over `modules`, `blob_refs` and `seqs`.
+    /// Moves the next event id on to the next multiple of [`EVENT_IDS_PER_OPEN`] (ids handed
+    /// out since the last flush may have been lost in a crash, and perhaps published: they must
+    /// not be handed out again), removes outbox entries that do not decode, counting them as
+    /// dropped, and loads the dropped count. Made durable by the clean-up's flush, before the
+    /// store hands out any id.
+    fn clean_up_outbox(&self) -> Result<(), StoreError> {
+        let db_err = |source| StoreError::Db {
+            action: "cleaning up the event outbox".into(),
+            source,
+        };
+        let mut damaged = Vec::new();
+        for entry in self.outbox.iter() {
+            let (k, v) = entry.map_err(db_err)?;
+            if decode_event(&k, &v).is_err() {
+                damaged.push(k);
+            }
+        }
+        let dropped = self.transact(
+            || "cleaning up the event outbox".into(),
+            |t| {
+                for k in &damaged {
+                    t.outbox.remove(k)?;
+                }
+                let dropped = tx_meta_u64(t.meta, DROPPED_KEY)?
+                    .unwrap_or(0)
+                    .saturating_add(damaged.len() as u64);
+                if !damaged.is_empty() {
+                    t.meta.insert(DROPPED_KEY, &dropped.to_be_bytes())?;
+                }
+                let next = match tx_meta_u64(t.meta, NEXT_ID_KEY)? {
+                    None => FIRST_EVENT_ID,
+                    Some(n) => (n / EVENT_IDS_PER_OPEN)
+                        .saturating_add(1)
+                        .saturating_mul(EVENT_IDS_PER_OPEN),
+                };
+                t.meta.insert(NEXT_ID_KEY, &next.to_be_bytes())?;
+                Ok(dropped)
+            },
+        )?;
+        self.outbox_dropped.store(dropped, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Runs `f` as one transaction over `modules`, `blob_refs`, `seqs`, `meta` and `outbox`.
     fn transact<A>(
         &self,
         action: impl Fn() -> String,
-        f: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> Tx<A>,
+        f: impl Fn(&Trees<'_>) -> Tx<A>,
     ) -> Result<A, StoreError> {
-        (&self.modules, &self.blob_refs, &self.seqs)
-            .transaction(|(modules, refs, seqs)| f(modules, refs, seqs))
+        self.transact_over(action, &[], |t, _| f(t))
+    }
+
+    /// Runs `f` as one transaction over the trees of [`Store::transact`] and a module's
+    /// key-value tree and its snapshot.
+    fn transact_kv<A>(
+        &self,
+        action: impl Fn() -> String,
+        kv: &sled::Tree,
+        snapshot: &sled::Tree,
+        f: impl Fn(&Trees<'_>, &TransactionalTree, &TransactionalTree) -> Tx<A>,
+    ) -> Result<A, StoreError> {
+        self.transact_over(action, &[kv, snapshot], |t, extra| match extra {
+            [kv, snapshot] => f(t, kv, snapshot),
+            _ => unreachable!("two trees were given"),
+        })
+    }
+
+    fn transact_over<A>(
+        &self,
+        action: impl Fn() -> String,
+        extra: &[&sled::Tree],
+        f: impl Fn(&Trees<'_>, &[TransactionalTree]) -> Tx<A>,
+    ) -> Result<A, StoreError> {
+        let base = [
+            &self.modules,
+            &self.blob_refs,
+            &self.seqs,
+            &self.meta,
+            &self.outbox,
+        ];
+        let trees: Vec<&sled::Tree> = base.iter().copied().chain(extra.iter().copied()).collect();
+        trees
+            .as_slice()
+            .transaction(|view: &Vec<TransactionalTree>| {
+                let (base, extra) = view.split_at(5);
+                let trees = Trees {
+                    modules: &base[0],
+                    refs: &base[1],
+                    seqs: &base[2],
+                    meta: &base[3],
+                    outbox: &base[4],
+                };
+                f(&trees, extra)
+            })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(source) => StoreError::Db {
@@ -957,12 +1330,66 @@ impl Store {
 
     fn drop_kv(&self, name: &str) -> Result<(), StoreError> {
         self.db
-            .drop_tree(kv_tree(name))
+            .drop_tree(kv_tree_name(name))
             .map(|_| ())
             .map_err(|source| StoreError::Db {
                 action: format!("dropping the key-value store of module {name:?}"),
                 source,
             })
+    }
+
+    fn drop_snapshot(&self, name: &str) -> Result<(), StoreError> {
+        self.db
+            .drop_tree(snapshot_tree_name(name))
+            .map(|_| ())
+            .map_err(|source| StoreError::Db {
+                action: format!("dropping the key-value snapshot of module {name:?}"),
+                source,
+            })
+    }
+
+    fn kv_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(kv_tree_name(name))
+            .map_err(|source| StoreError::Db {
+                action: format!("opening the key-value store of module {name:?}"),
+                source,
+            })
+    }
+
+    fn snapshot_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(snapshot_tree_name(name))
+            .map_err(|source| StoreError::Db {
+                action: format!("opening the key-value snapshot of module {name:?}"),
+                source,
+            })
+    }
+
+    /// The ids in the outbox, in order, for a transaction that records `events` (none are read
+    /// when there are none). Call with the writer lock held: every change to the outbox holds
+    /// it, so the transaction sees the same ids.
+    fn pending_ids(&self, events: &[Event]) -> Result<Vec<u64>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.outbox
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(|source| StoreError::Db {
+                    action: "reading the event outbox".into(),
+                    source,
+                })?;
+                decode_id(&k)
+            })
+            .collect()
+    }
+
+    /// Counts what a committed transaction's outbox bound dropped.
+    fn pushed(&self, pushed: &Pushed) {
+        self.outbox_dropped
+            .fetch_add(pushed.dropped, Ordering::Relaxed);
     }
 }
 
@@ -1045,8 +1472,80 @@ fn check_seq(name: &str, seq: u64, highest: Option<SeqRecord>) -> Result<(), Sto
     }
 }
 
-fn kv_tree(name: &str) -> Vec<u8> {
+fn kv_tree_name(name: &str) -> Vec<u8> {
     [KV_PREFIX, name.as_bytes()].concat()
+}
+
+fn snapshot_tree_name(name: &str) -> Vec<u8> {
+    [SNAPSHOT_PREFIX, name.as_bytes()].concat()
+}
+
+/// Whether [`Store::begin_probation`] of `seq` takes a snapshot for this record.
+fn needs_snapshot(record: &ModuleRecord, seq: u64) -> bool {
+    record.current.manifest.seq == seq
+        && record.state == InstallState::Probation
+        && record.previous.is_some()
+        && record.kv_snapshot != Some(seq)
+}
+
+/// Every entry of a module's key-value tree or snapshot.
+fn read_entries(
+    tree: &sled::Tree,
+    name: &str,
+) -> Result<Vec<(sled::IVec, sled::IVec)>, StoreError> {
+    tree.iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| StoreError::Db {
+            action: format!("reading the key-value data of module {name:?}"),
+            source,
+        })
+}
+
+/// Records `events` in the outbox with the next ids, dropping the oldest events beyond
+/// [`OUTBOX_MAX`]; `pending` are the ids in the outbox before, in order.
+fn tx_push(t: &Trees<'_>, pending: &[u64], events: &[Event]) -> Tx<Pushed> {
+    if events.is_empty() {
+        return Ok(Pushed::default());
+    }
+    let next = tx_meta_u64(t.meta, NEXT_ID_KEY)?.unwrap_or(FIRST_EVENT_ID);
+    let after = u64::try_from(events.len())
+        .ok()
+        .and_then(|n| next.checked_add(n))
+        .ok_or_else(|| {
+            ConflictableTransactionError::Abort(StoreError::Corrupt {
+                what: "the next event id".into(),
+                reason: format!("{next} leaves no room for {} events", events.len()),
+            })
+        })?;
+    let events: Vec<Event> = events
+        .iter()
+        .zip(next..)
+        .map(|(e, id)| Event { id, ..e.clone() })
+        .collect();
+    let excess = (pending.len() + events.len()).saturating_sub(OUTBOX_MAX);
+    for id in pending.iter().take(excess) {
+        t.outbox.remove(&id.to_be_bytes())?;
+    }
+    for e in events.iter().skip(excess.saturating_sub(pending.len())) {
+        t.outbox.insert(&e.id.to_be_bytes(), encode(e))?;
+    }
+    t.meta.insert(NEXT_ID_KEY, &after.to_be_bytes())?;
+    let dropped = excess as u64;
+    if dropped > 0 {
+        let before = tx_meta_u64(t.meta, DROPPED_KEY)?.unwrap_or(0);
+        t.meta
+            .insert(DROPPED_KEY, &before.saturating_add(dropped).to_be_bytes())?;
+    }
+    Ok(Pushed { events, dropped })
+}
+
+fn tx_meta_u64(meta: &TransactionalTree, key: &[u8]) -> Tx<Option<u64>> {
+    match meta.get(key)? {
+        Some(v) => decode_meta_u64(key, &v)
+            .map(Some)
+            .map_err(ConflictableTransactionError::Abort),
+        None => Ok(None),
+    }
 }
 
 fn tx_record(modules: &TransactionalTree, name: &str) -> Tx<Option<ModuleRecord>> {
@@ -1125,6 +1624,30 @@ fn decode_seq(key: &[u8], bytes: &[u8]) -> Result<SeqRecord, StoreError> {
     })
 }
 
+fn decode_meta_u64(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: format!("{} in the meta tree", String::from_utf8_lossy(key)),
+            reason: format!("{} bytes instead of 8", bytes.len()),
+        })
+}
+
+fn decode_id(key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            what: "the event outbox".into(),
+            reason: format!("a key of {} bytes", key.len()),
+        })
+}
+
+fn decode_event(key: &[u8], bytes: &[u8]) -> Result<Event, StoreError> {
+    let id = decode_id(key)?;
+    let event: Event = decode(bytes, || format!("event {id} in the outbox"))?;
+    Ok(Event { id, ..event })
+}
+
 fn decode_count(sha: &Sha256, bytes: &[u8]) -> Result<u64, StoreError> {
     <[u8; 8]>::try_from(bytes)
         .map(u64::from_be_bytes)
@@ -1162,8 +1685,9 @@ mod tests {
     fn install(store: &Store, name: &str, seq: u64, wasm: &[u8]) -> ModuleRecord {
         let m = manifest(name, seq, wasm);
         store
-            .install(&m, KeyId([7; 8]), Some(wasm), Sha256::of(b"bundle"), 1)
+            .install(&m, KeyId([7; 8]), Some(wasm), Sha256::of(b"bundle"), 1, &[])
             .unwrap()
+            .0
     }
 
     #[test]
@@ -1173,7 +1697,7 @@ mod tests {
         install(&store, "demo", 1, WASM);
         let mut old = store.kv("demo", 1000).unwrap();
         old.set(b"k", b"old life").unwrap();
-        store.remove("demo", 2, Sha256::of(b"r")).unwrap();
+        store.remove("demo", 2, Sha256::of(b"r"), &[]).unwrap();
         install(&store, "demo", 3, WASM);
         let new = store.kv("demo", 1000).unwrap();
         let late = old.set(b"k", b"late write");
@@ -1187,13 +1711,95 @@ mod tests {
     }
 
     #[test]
+    fn the_sled_and_the_memory_stores_admit_and_count_alike() {
+        use crate::runtime::kv::{ENTRY_OVERHEAD, MemoryKv};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path(), 1 << 20).unwrap();
+        install(&store, "demo", 1, WASM);
+        let quota = 3 * ENTRY_OVERHEAD + 20;
+        let mut sled = store.kv("demo", quota).unwrap();
+        let mut memory = MemoryKv::new(quota);
+        let script: [(&[u8], Option<&[u8]>); 12] = [
+            (b"a", Some(b"12345")),
+            (b"b", Some(b"")),
+            (b"a", Some(b"1234567890")),
+            (b"c", Some(&[0; 200])),
+            (b"c", Some(b"123456")),
+            (b"d", Some(b"")),
+            (b"b", None),
+            (b"d", Some(b"")),
+            (b"a", Some(b"1")),
+            (b"a", None),
+            (b"a", None),
+            (b"c", Some(b"123456789012345678")),
+        ];
+        for (key, value) in script {
+            let (s, m) = match value {
+                Some(v) => (
+                    sled.set(key, v).map(|()| true),
+                    memory.set(key, v).map(|()| true),
+                ),
+                None => (sled.delete(key), memory.delete(key)),
+            };
+            assert_eq!(s, m, "{key:?} = {value:?}");
+            assert_eq!(
+                sled.used_bytes(),
+                memory.used_bytes(),
+                "{key:?} = {value:?}"
+            );
+        }
+        drop(sled);
+        assert_eq!(
+            store.kv("demo", quota).unwrap().used_bytes(),
+            memory.used_bytes()
+        );
+    }
+
+    #[test]
+    fn a_record_without_a_snapshot_is_stored_as_before_and_old_records_decode() {
+        #[derive(Serialize)]
+        struct OldRecord {
+            name: String,
+            current: StoredVersion,
+            previous: Option<StoredVersion>,
+            state: InstallState,
+        }
+        let current = StoredVersion {
+            manifest: manifest("one", 1, WASM),
+            key_id_hex: "0707070707070707".into(),
+            bundle_sha256: Sha256::of(b"b"),
+            installed_at_ms: 1,
+        };
+        let old = OldRecord {
+            name: "one".into(),
+            current: current.clone(),
+            previous: None,
+            state: InstallState::Active,
+        };
+        let record = ModuleRecord {
+            name: "one".into(),
+            current,
+            previous: None,
+            state: InstallState::Active,
+            kv_snapshot: None,
+        };
+        assert_eq!(encode(&record), encode(&old));
+        assert_eq!(decode_record(b"one", &encode(&old)).unwrap(), record);
+        let with = ModuleRecord {
+            kv_snapshot: Some(1),
+            ..record
+        };
+        assert_eq!(decode_record(b"one", &encode(&with)).unwrap(), with);
+    }
+
+    #[test]
     fn reference_counts_that_disagree_with_the_records_are_rebuilt_at_open() {
         let tmp = tempfile::tempdir().unwrap();
         let (a, b) = (WASM.to_vec(), [WASM, b"\0"].concat());
         {
             let store = Store::open(tmp.path(), 1 << 20).unwrap();
             install(&store, "one", 1, &a);
-            store.confirm("one", 1).unwrap();
+            store.confirm("one", 1, &[]).unwrap();
             install(&store, "one", 2, &b);
             install(&store, "two", 1, &b);
             assert_eq!(
@@ -1224,7 +1830,7 @@ mod tests {
         let mut deltas = Deltas::default();
         deltas.add(Sha256::of(b"x"), -1);
         let err = store
-            .transact(String::new, |_, refs, _| deltas.apply(refs))
+            .transact(String::new, |t| deltas.apply(t.refs))
             .unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
         let mut deltas = Deltas::default();
@@ -1232,7 +1838,7 @@ mod tests {
         deltas.add(Sha256::of(b"y"), 1);
         deltas.add(Sha256::of(b"y"), -1);
         let freed = store
-            .transact(String::new, |_, refs, _| deltas.apply(refs))
+            .transact(String::new, |t| deltas.apply(t.refs))
             .unwrap();
         assert!(freed.is_empty());
         assert_eq!(store.ref_count(&Sha256::of(b"x")).unwrap(), 2);
@@ -1240,7 +1846,7 @@ mod tests {
         let mut deltas = Deltas::default();
         deltas.add(Sha256::of(b"x"), -2);
         let freed = store
-            .transact(String::new, |_, refs, _| deltas.apply(refs))
+            .transact(String::new, |t| deltas.apply(t.refs))
             .unwrap();
         assert_eq!(freed, vec![Sha256::of(b"x")]);
         assert!(store.blob_refs.is_empty());
@@ -1258,6 +1864,7 @@ mod tests {
             },
             previous: None,
             state: InstallState::Active,
+            kv_snapshot: None,
         };
         let bytes = encode(&record);
         assert_eq!(decode_record(b"one", &bytes).unwrap(), record);
@@ -1284,6 +1891,7 @@ mod tests {
                 Some(b"\0asm\x01\0\0\x01"),
                 Sha256::of(b"b"),
                 1,
+                &[],
             )
             .unwrap_err();
         assert!(matches!(err, StoreError::NotAnInstall { .. }), "{err}");
