@@ -113,6 +113,9 @@ pub struct AgentConfig {
     pub status_interval_s: u64,
     /// Guest calls running at once; 0 = one per CPU.
     pub max_concurrent_calls: usize,
+    /// Shortest time between two flushes that make key-value writes durable (each a store flush
+    /// and an fsync, shared by every module that wrote meanwhile): bounds the fsyncs per second.
+    pub kv_commit_interval_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -122,6 +125,7 @@ impl Default for AgentConfig {
             probation_ticks: 3,
             status_interval_s: 30,
             max_concurrent_calls: 0,
+            kv_commit_interval_ms: 50,
         }
     }
 }
@@ -287,6 +291,13 @@ impl Config {
         }
         if self.agent.status_interval_s == 0 {
             return Err("agent.status_interval_s must be at least 1".into());
+        }
+        // Guest calls run on tokio's blocking pool beside the store, compile and commit workers.
+        let most = crate::daemon::MAX_BLOCKING_THREADS - 4;
+        if self.agent.max_concurrent_calls > most {
+            return Err(format!(
+                "agent.max_concurrent_calls must be at most {most} (the agent's threads are bounded)"
+            ));
         }
         let r = &self.runtime;
         if r.max_fuel_per_call == 0 || r.max_memory_bytes < 65536 {

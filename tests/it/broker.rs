@@ -106,26 +106,77 @@ impl Mosquitto {
         Mosquitto::start_with(Some(certs.clone()))
     }
 
+    /// The shipped fleet broker (`configs/mosquitto-fleet.conf` and its ACL, with this test's
+    /// certificates, port and no persistence), started.
+    pub fn start_fleet(certs: &Certs) -> Mosquitto {
+        Mosquitto::start_as(Some(certs.clone()), true)
+    }
+
     /// Starts on a free port; if another process takes the port first, on another one.
     fn start_with(tls: Option<Certs>) -> Mosquitto {
-        let mut m = Mosquitto::configure(tls.clone(), free_port());
+        Mosquitto::start_as(tls, false)
+    }
+
+    fn start_as(tls: Option<Certs>, fleet: bool) -> Mosquitto {
+        let mut m = Mosquitto::configure(tls.clone(), free_port(), fleet);
         for _ in 0..5 {
             match m.launch() {
                 Ok(child) => {
                     m.child = Some(child);
                     return m;
                 }
-                Err(_) => m = Mosquitto::configure(tls.clone(), free_port()),
+                Err(_) => m = Mosquitto::configure(tls.clone(), free_port(), fleet),
             }
         }
         let e = m.launch().err().unwrap_or_default();
         panic!("mosquitto would not start: {e}");
     }
 
-    fn configure(tls: Option<Certs>, port: u16) -> Mosquitto {
+    fn configure(tls: Option<Certs>, port: u16, fleet: bool) -> Mosquitto {
         let dir = tempdir();
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
+        if let (true, Some(c)) = (fleet, &tls) {
+            // The shipped configuration, line by line, with this test's files and port.
+            let acl = dir.path().join("fleet.acl");
+            fs::copy(
+                crate::harness::repo().join("configs/mosquitto-fleet.acl"),
+                &acl,
+            )
+            .unwrap();
+            let shipped =
+                fs::read_to_string(crate::harness::repo().join("configs/mosquitto-fleet.conf"))
+                    .unwrap();
+            let mut text = String::new();
+            for line in shipped.lines() {
+                let key = line.split_whitespace().next().unwrap_or("");
+                let line = match key {
+                    "listener" => format!("listener {port} 127.0.0.1"),
+                    "cafile" => format!("cafile {}", c.ca.display()),
+                    "certfile" => format!("certfile {}", c.server_cert.display()),
+                    "keyfile" => format!("keyfile {}", c.server_key.display()),
+                    "acl_file" => format!("acl_file {}", acl.display()),
+                    "persistence" => "persistence false".into(),
+                    "persistence_location" => continue,
+                    _ => line.to_string(),
+                };
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text.push_str(
+                "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+                 log_type information\nconnection_messages true\nuser root\n",
+            );
+            fs::write(&conf, text).unwrap();
+            return Mosquitto {
+                port,
+                _dir: dir,
+                conf,
+                log,
+                child: None,
+                tls,
+            };
+        }
         let mut text = format!(
             "# mosquitto 2.0.11 ignores -p together with -c: the port is here.\n\
              listener {port} 127.0.0.1\n\
@@ -614,6 +665,19 @@ impl Agent {
         self.child = Some(child);
     }
 
+    /// Starts the agent again after it exited by itself; returns how it had exited.
+    pub fn restart_after_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent was started");
+        let exit = child
+            .try_wait()
+            .unwrap()
+            .expect("the agent has exited by itself");
+        let mut log = OpenOptions::new().append(true).open(&self.log).unwrap();
+        writeln!(log, "===== exited by itself: {exit} =====").unwrap();
+        self.start_again();
+        exit
+    }
+
     /// Whether the process is running (reaps it if it exited).
     pub fn running(&mut self) -> bool {
         match &mut self.child {
@@ -657,6 +721,11 @@ impl Agent {
     /// The configuration file.
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// The state directory (created by the agent at its first start).
+    pub fn state_dir(&self) -> &Path {
+        &self.state
     }
 
     /// SIGHUP: the agent reloads its configuration.
@@ -798,6 +867,14 @@ pub enum Seen {
 }
 
 impl Seen {
+    /// The status, if this is a status of `device`.
+    pub fn status(&self, of: &str) -> Option<&Status> {
+        match self {
+            Seen::Status { device, status, .. } if device == of => Some(status),
+            _ => None,
+        }
+    }
+
     fn summary(&self) -> String {
         match self {
             Seen::Status {
@@ -859,6 +936,14 @@ impl Seen {
     }
 }
 
+fn tls_files(ca: &Path, cert: &ClientCert) -> TlsFiles {
+    TlsFiles {
+        ca_file: Some(ca.to_path_buf()),
+        client_cert: Some(cert.cert.clone()),
+        client_key: Some(cert.key.clone()),
+    }
+}
+
 /// A position in the observer's record: waits look only at what arrived after it.
 pub type Mark = usize;
 
@@ -892,26 +977,28 @@ pub const PATIENCE: Duration = Duration::from_secs(45);
 impl Observer {
     /// Connects to the broker at `url` and waits until it is subscribed.
     pub fn connect(url: &str) -> Observer {
-        Observer::connect_with(url, TlsFiles::default())
+        Observer::connect_with(url, TlsFiles::default(), None)
     }
 
     /// Connects with TLS files (mutual TLS: a client certificate).
     pub fn connect_tls(url: &str, ca: &Path, cert: &ClientCert) -> Observer {
-        Observer::connect_with(
-            url,
-            TlsFiles {
-                ca_file: Some(ca.to_path_buf()),
-                client_cert: Some(cert.cert.clone()),
-                client_key: Some(cert.key.clone()),
-            },
-        )
+        Observer::connect_with(url, tls_files(ca, cert), None)
     }
 
-    fn connect_with(url: &str, tls: TlsFiles) -> Observer {
+    /// Connects with a client certificate and the client id `client_id` (another device's, to
+    /// try to take its session over).
+    pub fn connect_tls_as(url: &str, ca: &Path, cert: &ClientCert, client_id: &str) -> Observer {
+        Observer::connect_with(url, tls_files(ca, cert), Some(client_id))
+    }
+
+    fn connect_with(url: &str, tls: TlsFiles, client_id: Option<&str>) -> Observer {
         let mut suffix = [0u8; 4];
         getrandom::fill(&mut suffix).unwrap();
         let settings = ClientSettings {
-            client_id: format!("observer-{}", hex::encode(suffix)),
+            client_id: client_id.map_or_else(
+                || format!("observer-{}", hex::encode(suffix)),
+                str::to_string,
+            ),
             url: BrokerUrl::parse(url).unwrap(),
             tls,
             keep_alive: Duration::from_secs(5),
@@ -1174,13 +1261,24 @@ impl Observer {
     }
 
     /// Events from `device` recorded since `since`.
+    /// Events are delivered at least once: each counts once, by id, and one already seen
+    /// before `since` does not count again.
     pub fn events_since(&self, since: Mark, device: &str) -> Vec<Event> {
-        self.seen_since(since)
-            .into_iter()
+        let r = self.lock();
+        let mut seen_ids: std::collections::BTreeSet<u64> = r.seen[..since.min(r.seen.len())]
+            .iter()
             .filter_map(|s| match s {
-                Seen::Event { device: d, event } if d == device => Some(event),
+                Seen::Event { device: d, event } if d == device && event.id != 0 => Some(event.id),
                 _ => None,
             })
+            .collect();
+        r.seen[since.min(r.seen.len())..]
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Event { device: d, event } if d == device => Some(event.clone()),
+                _ => None,
+            })
+            .filter(|e| e.id == 0 || seen_ids.insert(e.id))
             .collect()
     }
 

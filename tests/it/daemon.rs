@@ -374,15 +374,19 @@ fn a_device_addressed_bundle_outranks_the_groups_bundle_for_the_same_module() {
     let after = obs.mark();
     let status = obs.running(after, "pi-a", "heartbeat", 2);
     assert_eq!(status.restarts, 0);
+    // pi-a did not act on the group's bundle; it reported that a newer one is hidden.
     let heartbeat_events: Vec<_> = obs
         .events_since(m, "pi-a")
         .into_iter()
         .filter(|e| e.module == "heartbeat")
         .collect();
     assert!(
-        heartbeat_events.is_empty(),
+        heartbeat_events
+            .iter()
+            .all(|e| e.kind == EventKind::Outranked && e.seq == Some(3)),
         "pi-a acted on the group's bundle: {heartbeat_events:?}"
     );
+    assert_eq!(heartbeat_events.len(), 1, "{heartbeat_events:?}");
 }
 
 #[test]

@@ -399,3 +399,49 @@ fn an_agent_refuses_a_second_module_driving_the_same_line_and_runs_its_sensor_mo
     let t = v["temperature_c"].as_f64().unwrap();
     assert!((18.0..24.0).contains(&t), "{t}");
 }
+
+/// The simulated board with line 17's safe level set to `safe`.
+fn board_with_safe(safe: edge_agent::hal::SafeLevel) -> Board {
+    let mut config = HardwareConfig::simulated();
+    config.gpio.iter_mut().find(|g| g.line == 17).unwrap().safe = safe;
+    Board::open(&config, Arc::new(|| 0))
+}
+
+fn drive(board: &Board, line: u32, high: bool) {
+    let (_, dev) = board.gpio(line).unwrap();
+    dev.lock().unwrap().set(high).unwrap();
+}
+
+#[test]
+fn an_output_no_module_owns_goes_to_its_safe_level() {
+    use edge_agent::hal::SafeLevel;
+    let caps = caps("gpio = [17]").caps;
+    for (safe, after) in [
+        (SafeLevel::Low, Some(false)),
+        (SafeLevel::High, Some(true)),
+        (SafeLevel::Keep, None),
+    ] {
+        let board = board_with_safe(safe);
+        if safe == SafeLevel::High {
+            assert!(board.sim_line(17).unwrap().level(), "safe at start too");
+        }
+        board.claim_outputs("relay", &caps).unwrap();
+        assert_eq!(board.owner(17).as_deref(), Some("relay"));
+        // The module drives the relay on, then is removed (quarantined, rolled back, ...).
+        drive(&board, 17, safe != SafeLevel::High);
+        let driven = board.sim_line(17).unwrap().level();
+        board.release("relay");
+        assert_eq!(board.owner(17), None);
+        assert_eq!(
+            board.sim_line(17).unwrap().level(),
+            after.unwrap_or(driven),
+            "{safe:?}"
+        );
+    }
+    // An upgrade that no longer grants the line lets it go too.
+    let board = board_with_safe(SafeLevel::Low);
+    board.claim_outputs("relay", &caps).unwrap();
+    drive(&board, 17, true);
+    board.claim_outputs("relay", &self::caps("").caps).unwrap();
+    assert!(!board.sim_line(17).unwrap().level());
+}

@@ -262,6 +262,7 @@ async fn inbox_messages_are_checked_on_arrival_and_bounded_in_bytes() {
         id: 1,
         policy: Default::default(),
         probation_ticks: None,
+        durability: None,
     };
     let handle = runner::spawn(rt, GuestPool::new(1), prepared, None, config, tx);
     // A payload above the ABI's limit is refused at once, not when its call would run.

@@ -10,6 +10,7 @@ mod edgectl;
 mod hardware;
 mod harness;
 mod hostile;
+mod recovery;
 mod run_module;
 mod runner;
 mod runtime;

@@ -72,6 +72,7 @@ async fn a_failing_module_backs_off_then_is_quarantined_until_an_operator_restar
         id: 0,
         policy: fast_policy(3),
         probation_ticks: None,
+        durability: None,
     };
     let h = spawn(&rt, &pool, "trapper", config, &tx);
     let mut seen = Vec::new();
@@ -98,7 +99,7 @@ async fn a_failing_module_backs_off_then_is_quarantined_until_an_operator_restar
         other => panic!("{other:?}"),
     }
     // Quarantined: it stays put. An operator's restart runs it again.
-    h.restart().await.unwrap();
+    h.restart().unwrap();
     assert_eq!(next_state(&mut rx, "trapper").await, RunState::Running);
     h.stop().await;
 }
@@ -112,6 +113,7 @@ async fn a_new_version_that_traps_in_init_fails_its_probation_without_a_restart(
         id: 0,
         policy: fast_policy(5),
         probation_ticks: Some(2),
+        durability: None,
     };
     let h = spawn(&rt, &pool, "init-trapper", config, &tx);
     assert_eq!(next_state(&mut rx, "init-trapper").await, RunState::Running);
@@ -145,6 +147,7 @@ async fn a_healthy_new_version_passes_probation_after_its_first_ticks() {
         id: 0,
         policy: fast_policy(5),
         probation_ticks: Some(2),
+        durability: None,
     };
     let h = runner::spawn(rt.clone(), pool, prepared, None, config, tx);
     let mut ticks = 0;
@@ -178,6 +181,7 @@ async fn messages_reach_on_message_through_the_runner() {
         id: 0,
         policy: fast_policy(5),
         probation_ticks: None,
+        durability: None,
     };
     let h = spawn(&rt, &pool, "echo", config, &tx);
     h.deliver("a".into(), b"1".to_vec()).unwrap();
@@ -224,6 +228,7 @@ async fn fifty_modules_keep_ticking_while_a_hog_burns_its_budget() {
         id: 0,
         policy: fast_policy(100),
         probation_ticks: None,
+        durability: None,
     };
     let (mut hog_manifest, hog_wasm) = guest("fuel-hog");
     hog_manifest.limits.fuel_per_call = 2_000_000_000;
@@ -233,7 +238,7 @@ async fn fifty_modules_keep_ticking_while_a_hog_burns_its_budget() {
         pool.clone(),
         rt.prepare(&hog_manifest, &hog_wasm).unwrap(),
         None,
-        config,
+        config.clone(),
         tx.clone(),
     );
     // Wait until the hog is inside its first tick.
@@ -264,7 +269,7 @@ async fn fifty_modules_keep_ticking_while_a_hog_burns_its_budget() {
             pool.clone(),
             prepared,
             None,
-            config,
+            config.clone(),
             tx.clone(),
         ));
     }

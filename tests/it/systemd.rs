@@ -161,3 +161,21 @@ fn the_agent_notifies_ready_status_watchdog_and_stopping() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn the_units_task_limit_leaves_room_for_every_thread_the_agent_may_start() {
+    let text = std::fs::read_to_string(unit()).unwrap();
+    let tasks: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("TasksMax="))
+        .expect("TasksMax= in the unit")
+        .trim()
+        .parse()
+        .unwrap();
+    // A thread the kernel refuses aborts the agent (tokio's blocking pool panics).
+    assert!(
+        tasks >= edge_agent::daemon::MAX_THREADS,
+        "TasksMax={tasks} < {} threads the agent may run",
+        edge_agent::daemon::MAX_THREADS
+    );
+}

@@ -71,9 +71,12 @@ fn agent(cli: Cli) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let store = Store::open(&config.state_dir, config.store.cache_capacity_bytes)
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
+    // Threads are bounded (daemon::MAX_THREADS, the unit's TasksMax leaves room for them).
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("edge-agent")
+        .worker_threads(daemon::WORKER_THREADS)
+        .max_blocking_threads(daemon::MAX_BLOCKING_THREADS)
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {

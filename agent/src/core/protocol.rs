@@ -72,11 +72,20 @@ pub struct Status {
     pub uptime_s: u64,
     /// When this report was made, unix milliseconds.
     pub ts_ms: u64,
+    /// When this run of the agent started, unix milliseconds: a report with `online: false` ends
+    /// the run it names, even when its `ts_ms` is older than the run's last online report (a last
+    /// will is registered at connect time and carries the status of that moment).
+    #[serde(default)]
+    pub started_ms: u64,
     /// Installed modules, by name.
     pub modules: Vec<ModuleStatus>,
     /// Telemetry and log messages dropped because the broker was unreachable or slow.
     #[serde(default)]
     pub dropped_messages: u64,
+    /// Something wrong with the broker connection worth an operator's look (a session that keeps
+    /// being taken over by another client with this device's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_note: Option<String>,
 }
 
 /// What a deployment event reports.
@@ -97,6 +106,10 @@ pub enum EventKind {
     Quarantined,
     /// An operator restarted a module.
     Restarted,
+    /// A version on probation was replaced by a newer one before its verdict.
+    Superseded,
+    /// A newer bundle on a lower-ranked topic is hidden by the one that outranks it.
+    Outranked,
 }
 
 impl EventKind {
@@ -110,6 +123,8 @@ impl EventKind {
             EventKind::Failed => "failed",
             EventKind::Quarantined => "quarantined",
             EventKind::Restarted => "restarted",
+            EventKind::Superseded => "superseded",
+            EventKind::Outranked => "outranked",
         }
     }
 }
@@ -177,6 +192,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             uptime_s: 3,
             ts_ms: 4,
+            started_ms: 1,
             modules: vec![ModuleStatus {
                 name: "m".into(),
                 version: "1".into(),
@@ -195,6 +211,7 @@ mod tests {
                 last_error: Some("tick: trapped".into()),
             }],
             dropped_messages: 0,
+            broker_note: None,
         };
         assert_eq!(from_cbor::<Status>(&to_cbor(&status)).unwrap(), status);
         let event = Event {

@@ -1,13 +1,14 @@
 //! The MQTT connection task: owns rumqttc's event loop, subscribes on every (re)connect, turns
-//! incoming packets into supervisor events, and reconnects with capped exponential backoff and
-//! jitter when the broker goes away.
+//! incoming packets into supervisor inputs, and reconnects with capped exponential backoff and
+//! jitter when the broker goes away. Before each (re)connect it registers the newest last will
+//! (the status as the supervisor last reported it, offline).
 
 use std::time::Duration;
 
-use rumqttc::{EventLoop, Packet, QoS, Request, Subscribe, SubscribeFilter};
+use rumqttc::{EventLoop, LastWill, Packet, QoS, Request, Subscribe, SubscribeFilter};
 use tokio::sync::{mpsc, watch};
 
-use super::Event;
+use super::Input as Event;
 
 /// Reconnect delays.
 #[derive(Debug, Clone, Copy)]
@@ -32,12 +33,20 @@ fn jittered(d: Duration) -> Duration {
 pub async fn run(
     mut eventloop: EventLoop,
     subscriptions: watch::Receiver<Vec<String>>,
+    will: watch::Receiver<LastWill>,
     backoff: Backoff,
     events: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut delay = backoff.min;
     loop {
+        if eventloop.network.is_none() {
+            // About to (re)connect: the will the broker keeps for this session is the newest.
+            let will = will.borrow().clone();
+            if !will.message.is_empty() {
+                eventloop.mqtt_options.set_last_will(will);
+            }
+        }
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
             _ = stop.changed() => {

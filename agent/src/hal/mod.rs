@@ -180,6 +180,25 @@ pub struct GpioConfig {
     /// The line offset on that chip (Linux); defaults to `line`.
     #[serde(default)]
     pub offset: Option<u32>,
+    /// The level an output line is driven to whenever no module owns it: at start, and when
+    /// its module is removed, quarantined, rolled back or fails. Defaults to `low`; set `high`
+    /// for active-low hardware (a relay board that switches on at low), or `keep` to leave the
+    /// line as its last module left it.
+    #[serde(default)]
+    pub safe: SafeLevel,
+}
+
+/// What an output line does when no module owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SafeLevel {
+    /// Driven low.
+    #[default]
+    Low,
+    /// Driven high.
+    High,
+    /// Left as it is.
+    Keep,
 }
 
 /// What backs an I2C bus or SPI device.
@@ -271,6 +290,7 @@ impl HardwareConfig {
                     direction: None,
                     chip: None,
                     offset: None,
+                    safe: SafeLevel::Low,
                 },
                 GpioConfig {
                     line: 27,
@@ -278,6 +298,7 @@ impl HardwareConfig {
                     direction: None,
                     chip: None,
                     offset: None,
+                    safe: SafeLevel::Low,
                 },
             ],
             i2c: vec![I2cConfig {
@@ -371,6 +392,7 @@ pub struct Line {
     /// Input or output.
     pub direction: Direction,
     dev: Slot<dyn GpioLine>,
+    safe: SafeLevel,
 }
 
 /// What a module may do with a resource the board lacks or could not open.
@@ -448,7 +470,16 @@ impl Board {
             if let Err(reason) = &dev {
                 tracing::error!("gpio line {}: {reason}", g.line);
             }
-            board.gpio.insert(g.line, Line { direction, dev });
+            board.gpio.insert(
+                g.line,
+                Line {
+                    direction,
+                    dev,
+                    safe: g.safe,
+                },
+            );
+            // No module owns a line yet.
+            board.make_safe(g.line);
         }
         for b in &config.i2c {
             let bus: Slot<dyn I2cBus> = match b.backend {
@@ -492,6 +523,8 @@ impl Board {
             Line {
                 direction,
                 dev: Ok(shared(dev)),
+                // A mock sees only what its test expects.
+                safe: SafeLevel::Keep,
             },
         );
         self
@@ -599,21 +632,74 @@ impl Board {
     }
 
     /// Claims the output lines `caps` grants for `module`: refused if another module holds one.
-    /// A module's earlier claims are replaced (an upgrade may grant other lines).
+    /// A module's earlier claims are replaced (an upgrade may grant other lines); a line it no
+    /// longer claims goes to its safe level.
     pub fn claim_outputs(&self, module: &str, caps: &Caps) -> Result<(), BoardError> {
         self.claimable(module, caps)?;
         let wanted = self.outputs_in(caps);
-        let mut owners = self.owners();
-        owners.retain(|_, o| o != module);
-        for l in wanted {
-            owners.insert(l, module.to_string());
+        let dropped: Vec<u32> = {
+            let mut owners = self.owners();
+            let before: Vec<u32> = owners
+                .iter()
+                .filter(|(_, o)| *o == module)
+                .map(|(l, _)| *l)
+                .collect();
+            owners.retain(|_, o| o != module);
+            for l in &wanted {
+                owners.insert(*l, module.to_string());
+            }
+            before.into_iter().filter(|l| !wanted.contains(l)).collect()
+        };
+        for l in dropped {
+            self.make_safe(l);
         }
         Ok(())
     }
 
-    /// Releases the lines `module` drives (removal, failure).
+    /// Releases the lines `module` drives (removal, quarantine, rollback, failure): each goes to
+    /// its safe level.
     pub fn release(&self, module: &str) {
-        self.owners().retain(|_, o| o != module);
+        let freed: Vec<u32> = {
+            let mut owners = self.owners();
+            let freed = owners
+                .iter()
+                .filter(|(_, o)| *o == module)
+                .map(|(l, _)| *l)
+                .collect();
+            owners.retain(|_, o| o != module);
+            freed
+        };
+        for l in freed {
+            self.make_safe(l);
+        }
+    }
+
+    /// The module driving output `line`, if any.
+    pub fn owner(&self, line: u32) -> Option<String> {
+        self.owners().get(&line).cloned()
+    }
+
+    /// Drives output `line` to its safe level (unless that is `keep`).
+    fn make_safe(&self, line: u32) {
+        let Some(l) = self.gpio.get(&line) else {
+            return;
+        };
+        let level = match l.safe {
+            SafeLevel::Low => false,
+            SafeLevel::High => true,
+            SafeLevel::Keep => return,
+        };
+        if l.direction != Direction::Output {
+            return;
+        }
+        if let Ok(dev) = &l.dev {
+            let mut dev = dev
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(e) = dev.set(level) {
+                tracing::error!("gpio line {line}: cannot drive it to its safe level: {e}");
+            }
+        }
     }
 }
 

@@ -435,6 +435,11 @@ impl HostState {
         })
     }
 
+    /// Key-value writes and deletes made in the current guest call.
+    pub(super) fn kv_writes(&self) -> u32 {
+        self.kv_writes_this_call
+    }
+
     /// The module's key-value store.
     pub(super) fn into_kv(self) -> Option<Box<dyn KvStoreDebug>> {
         self.kv

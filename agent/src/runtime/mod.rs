@@ -271,6 +271,8 @@ pub struct CallReport {
     /// One line summing up the refused host calls, for the agent's and the module's log; `None`
     /// when none were refused or the summaries' rate limit held it back.
     pub refusal_summary: Option<LogLine>,
+    /// Key-value writes and deletes the call made.
+    pub kv_writes: u32,
 }
 
 /// Why a message was not delivered; the module is not at fault and was not called.
@@ -679,6 +681,7 @@ impl ModuleInstance {
             messages: std::mem::take(&mut state.messages),
             refusal_summary: state.refusal_summary(),
             refusals: std::mem::take(&mut state.refusals),
+            kv_writes: state.kv_writes(),
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::host::KvStoreDebug;
@@ -148,6 +148,14 @@ pub enum RunnerEvent {
         /// The instance's figures after it.
         stats: InstanceStats,
     },
+    /// A message for `on_message` arrived while the module was not running (backing off,
+    /// quarantined) and was dropped.
+    Dropped {
+        /// The runner's id.
+        id: u64,
+        /// Module name.
+        module: String,
+    },
     /// The runner changed state.
     State {
         /// The runner's id.
@@ -174,8 +182,35 @@ enum Command {
 pub struct RunnerHandle {
     module: String,
     commands: mpsc::Sender<Command>,
+    stop: watch::Sender<bool>,
     inbox: Arc<Inbox>,
     task: tokio::task::JoinHandle<Option<Box<dyn KvStoreDebug>>>,
+}
+
+/// Makes key-value writes durable before a guest call's outputs leave: a handle on a group
+/// committer, which answers once a store flush that began after the request has finished
+/// (one flush serves every request that arrived while the previous one ran).
+#[derive(Debug, Clone)]
+pub struct Durability {
+    requests: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+}
+
+impl Durability {
+    /// A handle sending its requests to `requests`; the committer answers each.
+    pub fn new(requests: mpsc::Sender<oneshot::Sender<Result<(), String>>>) -> Self {
+        Durability { requests }
+    }
+
+    /// Waits until everything written before now is durable.
+    pub async fn commit(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .await
+            .map_err(|_| "the committer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the committer has stopped".to_string())?
+    }
 }
 
 /// Messages queued per module before `deliver` reports the module busy.
@@ -267,12 +302,20 @@ impl RunnerHandle {
     }
 
     /// Restarts the module with a clean failure record (an operator's restart, also out of
-    /// quarantine).
-    pub async fn restart(&self) -> Result<(), QueueError> {
+    /// quarantine). Never waits.
+    pub fn restart(&self) -> Result<(), QueueError> {
         self.commands
-            .send(Command::Restart)
-            .await
-            .map_err(|_| QueueError::Gone(self.module.clone()))
+            .try_send(Command::Restart)
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full(self.module.clone()),
+                mpsc::error::TrySendError::Closed(_) => QueueError::Gone(self.module.clone()),
+            })
+    }
+
+    /// Tells the runner to stop after the call in progress (which ends within its deadline).
+    /// Never waits: the runner's end arrives as its `Stopped` (or other final) state.
+    pub fn stop_soon(&self) {
+        let _ = self.stop.send(true);
     }
 
     /// Whether the runner task has ended.
@@ -283,7 +326,7 @@ impl RunnerHandle {
     /// Stops the runner after any call in progress (which ends within its deadline) and returns the
     /// module's key-value store.
     pub async fn stop(self) -> Option<Box<dyn KvStoreDebug>> {
-        let _ = self.commands.send(Command::Stop).await;
+        self.stop_soon();
         match self.task.await {
             Ok(kv) => kv,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -293,7 +336,7 @@ impl RunnerHandle {
 }
 
 /// How a runner behaves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RunnerConfig {
     /// Echoed in every event, so a caller can tell a runner from the one it replaced.
     pub id: u64,
@@ -302,6 +345,9 @@ pub struct RunnerConfig {
     /// `Some(n)`: the module is on probation until `init` and `n` ticks finish (a module that does
     /// not tick passes after `init`); its first failure ends the runner instead of restarting.
     pub probation_ticks: Option<u32>,
+    /// Where a call that wrote key-value data waits for it to be durable before its report (and
+    /// so its publishes) goes out; `None`: no waiting (an in-memory store).
+    pub durability: Option<Durability>,
 }
 
 /// Starts a runner for `prepared`, with its key-value store, reporting to `events`.
@@ -314,6 +360,7 @@ pub fn spawn(
     events: mpsc::Sender<RunnerEvent>,
 ) -> RunnerHandle {
     let (commands, rx) = mpsc::channel(INBOX_DEPTH);
+    let (stop, stop_rx) = watch::channel(false);
     let module = prepared.name().to_string();
     let inbox = Arc::new(Inbox::default());
     let runner = Runner {
@@ -324,6 +371,7 @@ pub fn spawn(
         config,
         events,
         commands: rx,
+        stop: stop_rx,
         failures: FailureTracker::default(),
         restarts: 0,
         epoch: Instant::now(),
@@ -332,6 +380,7 @@ pub fn spawn(
     RunnerHandle {
         module,
         commands,
+        stop,
         inbox,
         task,
     }
@@ -345,6 +394,7 @@ struct Runner {
     config: RunnerConfig,
     events: mpsc::Sender<RunnerEvent>,
     commands: mpsc::Receiver<Command>,
+    stop: watch::Receiver<bool>,
     failures: FailureTracker,
     restarts: u32,
     epoch: Instant,
@@ -376,9 +426,17 @@ impl Runner {
             .await;
     }
 
-    /// The next command; a message taken leaves the inbox's byte count.
+    /// The next command (a stop request comes as `Stop`); a message taken leaves the inbox's
+    /// byte count.
     async fn next_command(&mut self) -> Option<Command> {
-        let cmd = self.commands.recv().await;
+        if *self.stop.borrow() {
+            return Some(Command::Stop);
+        }
+        let cmd = tokio::select! {
+            biased;
+            _ = self.stop.changed() => return Some(Command::Stop),
+            cmd = self.commands.recv() => cmd,
+        };
         if let Some(Command::Deliver { topic, payload }) = &cmd {
             self.inbox
                 .bytes
@@ -387,9 +445,16 @@ impl Runner {
         cmd
     }
 
-    /// A message that arrived while the module was not running is dropped, and counted.
-    fn count_dropped(&self) {
+    /// A message that arrived while the module was not running is dropped, counted and reported.
+    async fn count_dropped(&self) {
         self.inbox.dropped.fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .events
+            .send(RunnerEvent::Dropped {
+                id: self.config.id,
+                module: self.name(),
+            })
+            .await;
     }
 
     fn now_ms(&self) -> u64 {
@@ -467,7 +532,7 @@ impl Runner {
             tokio::select! {
                 () = &mut deadline => return None,
                 cmd = self.next_command() => match cmd {
-                    Some(Command::Deliver { .. }) => self.count_dropped(),
+                    Some(Command::Deliver { .. }) => self.count_dropped().await,
                     Some(other) => return Some(other),
                     None => return Some(Command::Stop),
                 },
@@ -478,7 +543,7 @@ impl Runner {
     async fn wait_for_restart(&mut self) -> Command {
         loop {
             match self.next_command().await {
-                Some(Command::Deliver { .. }) => self.count_dropped(),
+                Some(Command::Deliver { .. }) => self.count_dropped().await,
                 Some(other) => return other,
                 None => return Command::Stop,
             }
@@ -559,6 +624,16 @@ impl Runner {
             .await;
         let (instance, result) = self.pool.run(instance, f).await;
         if let Some(report) = result.report() {
+            // Key-value writes of the call become durable before anything it published leaves.
+            if report.kv_writes > 0
+                && let Some(d) = &self.config.durability
+                && let Err(e) = d.commit().await
+            {
+                tracing::error!(
+                    "module {}: key-value writes not made durable: {e}",
+                    self.name()
+                );
+            }
             let _ = self
                 .events
                 .send(RunnerEvent::Called {
