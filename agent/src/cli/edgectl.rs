@@ -2,20 +2,17 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
+use super::common::{CliError, SMALL_FILE_MAX, read_private_key, read_trust_set, unix_now};
 use super::files::{self, FileError};
-use super::fleet::{self, FleetError};
-use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES, SignError};
-use crate::core::keys::{self, KeyError, KeyId, TrustSet};
+use super::fleet;
+use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
+use crate::core::keys::{self, KeyId};
 use crate::core::manifest::{Action, Manifest};
-use crate::core::verify::{self, Verifier, VerifyError};
+use crate::core::verify::{self, Verifier};
 use crate::engine::WasmLimits;
-
-/// Largest key or manifest file read.
-const SMALL_FILE_MAX: u64 = 64 * 1024;
 
 /// The operator's tool for an edge-agent fleet.
 #[derive(Debug, Parser)]
@@ -91,49 +88,6 @@ pub struct InspectArgs {
     pub bundle: PathBuf,
 }
 
-/// Why an edgectl command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// A file could not be read or written.
-    #[error(transparent)]
-    File(#[from] FileError),
-    /// A key file is not a usable key.
-    #[error("{path}: {source}")]
-    Key {
-        /// The key file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: KeyError,
-    },
-    /// The TOML manifest is malformed.
-    #[error("{path}: {reason}")]
-    Manifest {
-        /// The manifest file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// Signing failed.
-    #[error(transparent)]
-    Sign(#[from] SignError),
-    /// The bundle failed verification (or could not be read at all).
-    #[error("{path}: {source}")]
-    Invalid {
-        /// The bundle file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: VerifyError,
-    },
-    /// A fleet command failed (broker, timeout, arguments).
-    #[error(transparent)]
-    Fleet(#[from] FleetError),
-    /// Writing to the terminal failed.
-    #[error("cannot write output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
 /// Runs a parsed command, writing its report to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     let rt = || {
@@ -201,30 +155,6 @@ fn read_manifest(path: &Path) -> Result<Manifest, CliError> {
     })
 }
 
-/// Reads a private key file.
-pub fn read_private_key(path: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
-    let text = files::read_text(path, SMALL_FILE_MAX)?;
-    keys::parse_private_key(&text).map_err(|source| CliError::Key {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Reads public key files into a trust set.
-pub fn read_trust_set(paths: &[PathBuf]) -> Result<TrustSet, CliError> {
-    let mut trust = TrustSet::new();
-    for path in paths {
-        let key_err = |source| CliError::Key {
-            path: path.clone(),
-            source,
-        };
-        let text = files::read_text(path, SMALL_FILE_MAX)?;
-        let key = keys::parse_public_key(&text).map_err(key_err)?;
-        trust.insert(key).map_err(key_err)?;
-    }
-    Ok(trust)
-}
-
 fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let manifest = read_manifest(&args.manifest)?;
     let key = read_private_key(&args.key)?;
@@ -251,13 +181,6 @@ fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
         bundle.len()
     )?;
     Ok(())
-}
-
-/// Seconds since the Unix epoch, by the system clock.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
 
-use super::edgectl::{CliError, read_private_key};
+use super::common::{CliError, FleetError, read_private_key, unix_now};
 use super::files;
 use super::run_module::show_payload;
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
@@ -119,28 +119,6 @@ pub struct RestartArgs {
     /// The module (also brings it out of quarantine).
     #[arg(long)]
     module: String,
-}
-
-/// Why a fleet command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FleetError {
-    /// Broker settings.
-    #[error(transparent)]
-    Setup(#[from] mqtt::MqttSetupError),
-    /// The broker could not be reached or dropped the connection.
-    #[error("broker {broker}: {reason}")]
-    Broker {
-        /// The URL.
-        broker: String,
-        /// Why.
-        reason: String,
-    },
-    /// Nothing arrived in time.
-    #[error("{0}")]
-    Timeout(String),
-    /// A bad argument.
-    #[error("{0}")]
-    Usage(String),
 }
 
 struct Session {
@@ -386,9 +364,7 @@ pub async fn status(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliErro
 
 /// Prints a status report as a table.
 pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
-    let age = crate::cli::edgectl::unix_now()
-        .saturating_mul(1000)
-        .saturating_sub(s.ts_ms);
+    let age = unix_now().saturating_mul(1000).saturating_sub(s.ts_ms);
     writeln!(
         out,
         "device {}  {}  agent {}  up {} s  report {:.1} s old{}",

@@ -1,6 +1,7 @@
 //! Command-line front ends. The binaries in `src/bin` only call into here.
 
 pub mod agent;
+pub mod common;
 pub mod edgectl;
 mod files;
 pub mod fleet;
