@@ -52,6 +52,9 @@ pub enum CliError {
     /// A fleet command failed (broker, timeout, arguments).
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// The operating system's random source failed.
+    #[error("the system random source failed: {0}")]
+    Random(String),
     /// Writing to the terminal failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
@@ -103,9 +106,29 @@ pub fn read_trust_set(paths: &[PathBuf]) -> Result<TrustSet, CliError> {
     Ok(trust)
 }
 
+/// A new signing key from the operating system's random source.
+pub fn generate_key() -> Result<ed25519_dalek::SigningKey, CliError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| CliError::Random(e.to_string()))?;
+    Ok(keys::signing_key_from_seed(&seed))
+}
+
 /// Seconds since the Unix epoch, by the system clock.
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_differ() {
+        assert_ne!(
+            generate_key().unwrap().to_bytes(),
+            generate_key().unwrap().to_bytes()
+        );
+    }
 }

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use super::common::{CliError, SMALL_FILE_MAX, read_private_key, read_trust_set, unix_now};
+use super::common::{
+    CliError, SMALL_FILE_MAX, generate_key, read_private_key, read_trust_set, unix_now,
+};
 use super::files::{self, FileError};
 use super::fleet;
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
@@ -111,11 +113,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
 }
 
 fn keygen(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
-    let key_err = |source| CliError::Key {
-        path: path.to_path_buf(),
-        source,
-    };
-    let key = keys::generate().map_err(key_err)?;
+    let key = generate_key()?;
     let public = key.verifying_key();
     let pub_path = public_key_path(path);
     // Refuse before writing anything, so a failure leaves no half-made pair behind.

@@ -559,7 +559,7 @@ mod tests {
     fn text_from_modules_and_devices_reaches_the_terminal_escaped() {
         let log = LogRecord {
             ts_ms: 0,
-            level: crate::runtime::host::LogLevel::Info,
+            level: protocol::LogLevel::Info,
             text: "\u{1b}[2J\rforged\0\nline".into(),
         };
         let event = Event {
