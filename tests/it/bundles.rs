@@ -338,10 +338,10 @@ fn a_verified_bundle_hands_back_its_manifest_and_wasm() {
     let v = verifier(&[&key(3), &key(1)])
         .verify(&b, NOW, |_| None)
         .unwrap();
-    assert_eq!(v.manifest.name, "echo");
+    assert_eq!(v.manifest().name, "echo");
     assert_eq!(v.wasm_bytes(), Some(&wasm[..]));
     assert_eq!(
-        v.key_id,
+        v.key_id(),
         edge_agent::core::keys::KeyId::of(&key(1).verifying_key())
     );
 }

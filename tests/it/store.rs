@@ -52,8 +52,8 @@ fn try_install(
     let bundle = signed(manifest(name, seq), wasm, k);
     let verified = verifier(&[k]).verify(&bundle, 0, |_| None).unwrap();
     store.install(
-        &verified.manifest,
-        verified.key_id,
+        verified.manifest(),
+        verified.key_id(),
         verified.wasm_bytes(),
         Sha256::of(&bundle),
         NOW_MS + seq,
@@ -233,8 +233,8 @@ fn install_refuses_a_removal_bundle() {
     let verified = verifier(&[&k]).verify(&bundle, 0, |_| None).unwrap();
     let err = store
         .install(
-            &verified.manifest,
-            verified.key_id,
+            verified.manifest(),
+            verified.key_id(),
             verified.wasm_bytes(),
             Sha256::of(&bundle),
             NOW_MS,
@@ -985,8 +985,8 @@ fn crash_worker(root: &Path) {
                 let bundle = signed(manifest(name, next_seq), w, &k);
                 let verified = v.verify(&bundle, 0, |_| None).unwrap();
                 let version = StoredVersion {
-                    manifest: verified.manifest.clone(),
-                    key_id_hex: verified.key_id.to_string(),
+                    manifest: verified.manifest().clone(),
+                    key_id_hex: verified.key_id().to_string(),
                     bundle_sha256: Sha256::of(&bundle),
                     installed_at_ms: clock,
                 };
@@ -1013,8 +1013,8 @@ fn crash_worker(root: &Path) {
                         let verified = v.verify(&bundle, 0, |_| None).unwrap();
                         store
                             .install(
-                                &verified.manifest,
-                                verified.key_id,
+                                verified.manifest(),
+                                verified.key_id(),
                                 verified.wasm_bytes(),
                                 Sha256::of(&bundle),
                                 now,

@@ -196,7 +196,8 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let v = verifier
             .verify(&bytes, unix_now(), |_| None)
             .map_err(invalid)?;
-        (v.manifest, v.key_id.to_string(), true)
+        let kid = v.key_id().to_string();
+        (v.into_manifest(), kid, true)
     };
     if args.json {
         let report = serde_json::json!({

@@ -24,18 +24,43 @@ pub struct DeviceIdentity {
     pub groups: Vec<String>,
 }
 
-/// A bundle that passed every check.
+/// A bundle that passed every check. Only [`Verifier::verify`] makes one: its fields are private,
+/// so holding a `Verified` means the checks ran.
+///
+/// ```compile_fail,E0451
+/// use edge_agent::core::{keys::KeyId, manifest::Manifest, verify::Verified};
+/// fn forge(manifest: Manifest) -> Verified<'static> {
+///     Verified { manifest, key_id: KeyId([0; 8]), wasm: None }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified<'a> {
-    /// The signed manifest (its `wasm` digest matches `wasm`).
-    pub manifest: Manifest,
-    /// The key that signed it.
-    pub key_id: KeyId,
-    /// The module bytes, checked, for installs.
-    pub wasm: Option<CheckedWasm<'a>>,
+    manifest: Manifest,
+    key_id: KeyId,
+    wasm: Option<CheckedWasm<'a>>,
 }
 
 impl<'a> Verified<'a> {
+    /// The signed manifest (its `wasm` digest matches [`Verified::wasm`]).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The manifest, taken out of the verified bundle.
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+
+    /// The key that signed it.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The module, checked, for installs.
+    pub fn wasm(&self) -> Option<CheckedWasm<'a>> {
+        self.wasm
+    }
+
     /// The module bytes, for installs.
     pub fn wasm_bytes(&self) -> Option<&'a [u8]> {
         self.wasm.map(|w| w.bytes())

@@ -645,30 +645,30 @@ impl Supervisor {
                 return Err((false, format!("store unavailable: {e}")));
             }
             let verified = verified.map_err(|e| (true, e.to_string()))?;
-            if verified.manifest.name != topic_module {
+            if verified.manifest().name != topic_module {
                 return Err((
                     true,
                     format!(
                         "the bundle is for module {:?} but was published on the desired topic of {topic_module:?}",
-                        verified.manifest.name
+                        verified.manifest().name
                     ),
                 ));
             }
-            let prepared = match (verified.manifest.action, verified.wasm) {
+            let prepared = match (verified.manifest().action, verified.wasm()) {
                 (BundleAction::Install, Some(wasm)) => {
                     let prepared = runtime
-                        .prepare_checked(&verified.manifest, wasm)
+                        .prepare_checked(verified.manifest(), wasm)
                         .map_err(|e| (true, e.to_string()))?;
                     // Two modules may not drive one output line.
                     runtime
                         .board()
-                        .claimable(&verified.manifest.name, &verified.manifest.caps)
-                        .map_err(|e| (true, format!("module {:?}: hardware refused: {e}", verified.manifest.name)))?;
+                        .claimable(&verified.manifest().name, &verified.manifest().caps)
+                        .map_err(|e| (true, format!("module {:?}: hardware refused: {e}", verified.manifest().name)))?;
                     Some(prepared)
                 }
                 _ => None,
             };
-            Ok((verified.manifest.clone(), verified.key_id, verified.wasm_bytes().map(<[u8]>::to_vec), prepared))
+            Ok((verified.manifest().clone(), verified.key_id(), verified.wasm_bytes().map(<[u8]>::to_vec), prepared))
         })
         .await;
         let (manifest, key_id, wasm, prepared) = match checked {
