@@ -25,15 +25,9 @@ pub struct BrokerArgs {
     /// The broker: mqtt://host[:port] or mqtts://host[:port].
     #[arg(long, env = "EDGECTL_BROKER")]
     pub broker: String,
-    /// CA certificate (PEM) for mqtts://.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[arg(long)]
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    #[arg(long)]
-    pub tls_key: Option<PathBuf>,
+    /// TLS files: `--ca`, `--tls-cert`, `--tls-key`.
+    #[command(flatten)]
+    pub tls: TlsFiles,
     /// Topic prefix.
     #[arg(long, default_value = "edge")]
     pub prefix: String,
@@ -131,11 +125,7 @@ async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
     let settings = ClientSettings {
         client_id: format!("edgectl-{}", random_suffix()),
         url: BrokerUrl::parse(&args.broker).map_err(FleetError::from)?,
-        tls: TlsFiles {
-            ca_file: args.ca.clone(),
-            client_cert: args.tls_cert.clone(),
-            client_key: args.tls_key.clone(),
-        },
+        tls: args.tls.clone(),
         keep_alive: Duration::from_secs(30),
         max_packet_bytes: DEFAULT_MAX_BUNDLE_BYTES * 4 + mqtt::PACKET_OVERHEAD,
         last_will: None,
@@ -547,6 +537,38 @@ pub async fn telemetry(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tls_flags_fill_the_shared_tls_files() {
+        #[derive(Debug, clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            broker: BrokerArgs,
+        }
+        use clap::Parser as _;
+        let p = Probe::try_parse_from([
+            "probe",
+            "--broker",
+            "mqtts://broker.example",
+            "--ca",
+            "ca.pem",
+            "--tls-cert",
+            "op.pem",
+            "--tls-key",
+            "op.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            p.broker.tls,
+            TlsFiles {
+                ca_file: Some("ca.pem".into()),
+                client_cert: Some("op.pem".into()),
+                client_key: Some("op.key".into()),
+            }
+        );
+        let p = Probe::try_parse_from(["probe", "--broker", "mqtt://h"]).unwrap();
+        assert_eq!(p.broker.tls, TlsFiles::default());
+    }
 
     #[test]
     fn timestamps_read_as_utc() {
