@@ -3,7 +3,7 @@
 
 use coset::iana;
 use edge_agent::core::bundle::{self, ContainerError};
-use edge_agent::core::manifest::{Action, ManifestProblem, Sha256, Targets, WasmRef};
+use edge_agent::core::manifest::{Action, ManifestProblem, SEQ_MAX, Sha256, Targets, WasmRef};
 use edge_agent::core::verify::{DeviceIdentity, VerifyError};
 use proptest::prelude::*;
 
@@ -74,6 +74,8 @@ fn cases() -> Vec<Case> {
 
     let mut removal = manifest("heartbeat", 6);
     removal.action = Action::Remove;
+    let mut removal_at_max = removal.clone();
+    removal_at_max.seq = SEQ_MAX;
 
     let not_wasm = b"#!/bin/sh\necho not wasm\n".to_vec();
     let mut broken_wasm = wasm.clone();
@@ -284,6 +286,40 @@ fn cases() -> Vec<Case> {
             signed(elsewhere, &wasm, &k),
             |e| matches!(e, VerifyError::NotForThisDevice { .. }),
         ),
+        case(
+            "seq above 2^53",
+            {
+                let mut m = manifest("heartbeat", 5);
+                m.seq = u64::MAX;
+                Raw::new(m, Some(&wasm), &k).build()
+            },
+            |e| {
+                matches!(
+                    e,
+                    VerifyError::Manifest(ManifestProblem::SeqTooLarge { seq: u64::MAX, .. })
+                )
+            },
+        ),
+        case(
+            "a removal with seq above 2^53",
+            {
+                let mut m = removal_at_max.clone();
+                m.seq = SEQ_MAX + 1;
+                Raw::new(m, None, &k).build()
+            },
+            |e| {
+                matches!(
+                    e,
+                    VerifyError::Manifest(ManifestProblem::SeqTooLarge { .. })
+                )
+            },
+        ),
+        Case {
+            name: "a removal at seq 2^53",
+            bundle: Raw::new(removal_at_max, None, &k).build(),
+            installed_seq: Some(5),
+            expect: Ok(()),
+        },
     ]
 }
 

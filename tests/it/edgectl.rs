@@ -336,3 +336,36 @@ fn inspect_refuses_what_is_not_a_bundle() {
     ));
     assert!(err.contains("not a bundle"), "{err}");
 }
+
+/// Signs `manifest` (TOML) with op.key into `out`, returning the whole output.
+fn sign_manifest(dir: &Path, manifest: &str, out: &str) -> Output {
+    fs::write(dir.join("m.toml"), manifest).unwrap();
+    edgectl(
+        dir,
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "m.toml",
+            "--out",
+            out,
+        ],
+    )
+}
+
+#[test]
+fn sign_refuses_a_seq_above_two_to_the_53() {
+    let dir = signed_dir();
+    let at_max = MANIFEST.replace("seq = 1", "seq = 9007199254740992");
+    ok(sign_manifest(dir.path(), &at_max, "max.bundle"));
+    let above = MANIFEST.replace("seq = 1", "seq = 9007199254740993");
+    let err = fails(sign_manifest(dir.path(), &above, "above.bundle"));
+    assert!(
+        err.contains("seq 9007199254740993") && err.contains("2^53"),
+        "{err}"
+    );
+    assert!(!dir.path().join("above.bundle").exists());
+}

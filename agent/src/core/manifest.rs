@@ -21,6 +21,11 @@ pub const TOPIC_PATTERN_MAX_LEN: usize = 256;
 pub const LIST_MAX_LEN: usize = 64;
 /// Largest linear memory a wasm32 module can address.
 pub const WASM32_MEMORY_MAX: u64 = 1 << 32;
+/// Largest `seq`: 2^53. A device accepts only a greater `seq` than it accepted before (removals
+/// included), so a bundle at the top of the u64 range would leave its module on the device for
+/// good; the bound keeps 2^64 - 2^53 values above any accepted `seq`, and every `seq` exact in a
+/// double (JSON, JavaScript tooling).
+pub const SEQ_MAX: u64 = 1 << 53;
 
 /// What a bundle asks the device to do with the module it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -220,7 +225,8 @@ pub struct Manifest {
     /// Human version string (not used for ordering; `seq` is).
     #[serde(default)]
     pub version: String,
-    /// Sequence number; must strictly increase per module on a device (anti-rollback).
+    /// Sequence number; must strictly increase per module on a device (anti-rollback). At most
+    /// [`SEQ_MAX`].
     pub seq: u64,
     /// Install or remove.
     #[serde(default)]
@@ -248,6 +254,16 @@ pub enum ManifestProblem {
     /// The name does not match `[a-z0-9][a-z0-9-]{0,62}`.
     #[error("module name {0:?} is not well formed: it must match [a-z0-9][a-z0-9-]{{0,62}}")]
     BadName(String),
+    /// The sequence number is above [`SEQ_MAX`].
+    #[error(
+        "module {module:?}: seq {seq} is above the largest allowed seq, 2^53 = {SEQ_MAX}: nothing could ever replace or remove it"
+    )]
+    SeqTooLarge {
+        /// Module name.
+        module: String,
+        /// The offending seq.
+        seq: u64,
+    },
     /// The version string is empty (installs), too long or has control characters.
     #[error("module {module:?}: version {version:?} {reason}")]
     BadVersion {
@@ -385,6 +401,12 @@ impl Manifest {
             return Err(ManifestProblem::BadName(self.name.clone()));
         }
         let module = || self.name.clone();
+        if self.seq > SEQ_MAX {
+            return Err(ManifestProblem::SeqTooLarge {
+                module: module(),
+                seq: self.seq,
+            });
+        }
         let bad_version = |reason| ManifestProblem::BadVersion {
             module: module(),
             version: self.version.clone(),
@@ -620,6 +642,35 @@ i2c = [{ bus = 1, addresses = [0x76] }]
         assert!(!topic_matches("a/b", "a/b/c"));
         assert!(!topic_matches("a/b/c", "a/b"));
         assert!(topic_matches("#", "x"));
+    }
+
+    #[test]
+    fn seq_is_bounded_by_two_to_the_53() {
+        let mut m = Manifest::from_toml(SAMPLE).unwrap();
+        m.seq = SEQ_MAX;
+        m.check().unwrap();
+        for seq in [SEQ_MAX + 1, u64::MAX] {
+            m.seq = seq;
+            let e = m.check().unwrap_err();
+            assert_eq!(
+                e,
+                ManifestProblem::SeqTooLarge {
+                    module: "heartbeat".into(),
+                    seq
+                }
+            );
+            assert!(e.to_string().contains("9007199254740992"), "{e}");
+        }
+        // A removal too: one at the top of the range could never be followed by an install.
+        let removal = Manifest::from_toml(&format!(
+            "name = 'heartbeat'\nseq = {}\naction = 'remove'\n",
+            SEQ_MAX + 1
+        ))
+        .unwrap();
+        assert!(matches!(
+            removal.check(),
+            Err(ManifestProblem::SeqTooLarge { .. })
+        ));
     }
 
     #[test]
