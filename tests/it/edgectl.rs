@@ -1,4 +1,5 @@
-//! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them.
+//! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them, and how both
+//! binaries print a refusal: each reason once.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
@@ -368,4 +369,63 @@ fn sign_refuses_a_seq_above_two_to_the_53() {
         "{err}"
     );
     assert!(!dir.path().join("above.bundle").exists());
+}
+
+/// How often `reason` appears in `text`.
+fn count(text: &str, reason: &str) -> usize {
+    text.matches(reason).count()
+}
+
+#[test]
+fn inspect_prints_each_reason_for_a_refusal_once() {
+    let dir = signed_dir();
+    let bundle = fs::read(dir.path().join("heartbeat.bundle")).unwrap();
+    let mut version2 = bundle.clone();
+    version2[1] = 0x02;
+    let mut signature = bundle.clone();
+    // The bundle ends with the signature, then the Wasm's byte string head and the Wasm.
+    let wasm_len = tiny_wasm().len();
+    let wasm_head = if wasm_len < 24 { 1 } else { 2 };
+    let last_signature_byte = bundle.len() - wasm_len - wasm_head - 1;
+    signature[last_signature_byte] ^= 0x01;
+    let mut trailing = bundle.clone();
+    trailing.push(0);
+    for (tampered, reason) in [
+        (version2, "bundle format version 2 is not supported"),
+        (signature, "the signature does not verify"),
+        (trailing, "1 bytes follow the bundle"),
+    ] {
+        fs::write(dir.path().join("tampered.bundle"), &tampered).unwrap();
+        let err = fails(edgectl(
+            dir.path(),
+            &["inspect", "--trust", "op.key.pub", "tampered.bundle"],
+        ));
+        assert_eq!(count(&err, reason), 1, "{err}");
+        assert_eq!(count(&err, "refused"), 1, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    // A key error: the file named once, the reason once.
+    let err = fails(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "op.key", "heartbeat.bundle"],
+    ));
+    assert_eq!(count(&err, "op.key"), 1, "{err}");
+    assert_eq!(count(&err, "not an Ed25519 public key"), 1, "{err}");
+}
+
+#[test]
+fn the_agent_prints_each_reason_it_cannot_start_once() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing.toml");
+    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("--config")
+        .arg(&missing)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run edge-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("edge-agent: cannot read"), "{err}");
+    assert_eq!(count(&err, "No such file or directory"), 1, "{err}");
 }

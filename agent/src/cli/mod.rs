@@ -5,4 +5,5 @@ pub mod common;
 pub mod edgectl;
 mod files;
 pub mod fleet;
+pub mod report;
 pub mod run_module;
