@@ -371,6 +371,26 @@ fn sign_refuses_a_seq_above_two_to_the_53() {
     assert!(!dir.path().join("above.bundle").exists());
 }
 
+#[test]
+fn sign_warns_on_stderr_when_the_bundle_names_no_targets() {
+    let dir = signed_dir();
+    let out = sign_manifest(dir.path(), MANIFEST, "any.bundle");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("no [targets]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("every device that trusts key"), "{stderr}");
+
+    let targeted = format!("{MANIFEST}[targets]\ndevices = [\"pi-7\"]\n");
+    let out = sign_manifest(dir.path(), &targeted, "pi-7.bundle");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no warning");
+    let shown = ok(edgectl(dir.path(), &["inspect", "pi-7.bundle"]));
+    assert!(shown.contains("devices=[pi-7]"), "{shown}");
+}
+
 /// How often `reason` appears in `text`.
 fn count(text: &str, reason: &str) -> usize {
     text.matches(reason).count()

@@ -4,7 +4,12 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = edge_agent::cli::edgectl::Cli::parse();
-    match edge_agent::cli::edgectl::run(cli, &mut std::io::stdout().lock()) {
+    let result = edge_agent::cli::edgectl::run(
+        cli,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Each reason once: the error's text, then the causes it does not already say.

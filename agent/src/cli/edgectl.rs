@@ -90,8 +90,8 @@ pub struct InspectArgs {
     pub bundle: PathBuf,
 }
 
-/// Runs a parsed command, writing its report to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+/// Runs a parsed command, writing its report to `out` and warnings to `warn` (stderr).
+pub fn run(cli: Cli, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), CliError> {
     let rt = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -100,7 +100,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Keygen { out: path } => keygen(&path, out),
-        Command::Sign(args) => sign(&args, out),
+        Command::Sign(args) => sign(&args, out, warn),
         Command::Inspect(args) => inspect(&args, out),
         Command::Deploy(args) => rt()?.block_on(fleet::deploy(&args, out)),
         Command::Remove(args) => rt()?.block_on(fleet::remove(&args, out)),
@@ -153,7 +153,7 @@ fn read_manifest(path: &Path) -> Result<Manifest, CliError> {
     })
 }
 
-fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
+fn sign(args: &SignArgs, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), CliError> {
     let manifest = read_manifest(&args.manifest)?;
     let key = read_private_key(&args.key)?;
     let wasm = match &args.wasm {
@@ -178,6 +178,16 @@ fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
         args.out.display(),
         bundle.len()
     )?;
+    if manifest.targets.is_none() {
+        writeln!(
+            warn,
+            "edgectl: warning: {} has no [targets]: {} is valid on every device that trusts key {}, \
+             whichever device's or group's topic it is published to",
+            args.manifest.display(),
+            args.out.display(),
+            KeyId::of(&key.verifying_key())
+        )?;
+    }
     Ok(())
 }
 
