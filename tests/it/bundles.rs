@@ -314,6 +314,34 @@ fn cases() -> Vec<Case> {
                 )
             },
         ),
+        case(
+            "a non-shortest seq in the signed manifest",
+            non_canonical(&wasm, &k, |p| {
+                // "seq": 5 as a one-byte head (18 05) instead of 05.
+                let at = p.windows(4).position(|w| w == b"\x63seq").unwrap() + 4;
+                assert_eq!(p[at], 0x05);
+                p.insert(at, 0x18);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
+        case(
+            "the signed manifest's keys in another order",
+            non_canonical(&wasm, &k, |p| {
+                let mut map = manifest_map(p);
+                map.swap(1, 2);
+                *p = encode_map(map);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
+        case(
+            "a default the canonical form writes left out",
+            non_canonical(&wasm, &k, |p| {
+                let mut map = manifest_map(p);
+                map.retain(|(k, _)| k.as_text() != Some("action"));
+                *p = encode_map(map);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
         Case {
             name: "a removal at seq 2^53",
             bundle: Raw::new(removal_at_max, None, &k).build(),
@@ -321,6 +349,39 @@ fn cases() -> Vec<Case> {
             expect: Ok(()),
         },
     ]
+}
+
+/// A validly signed install of "heartbeat" seq 5 whose manifest bytes `edit` changed before
+/// signing.
+fn non_canonical(
+    wasm: &[u8],
+    k: &ed25519_dalek::SigningKey,
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut raw = Raw::new(manifest("heartbeat", 5), Some(wasm), k);
+    let canonical = raw.payload.clone();
+    edit(&mut raw.payload);
+    assert_ne!(raw.payload, canonical);
+    let decoded = edge_agent::core::manifest::Manifest::from_cbor(&raw.payload).unwrap();
+    assert_eq!(
+        decoded.to_cbor(),
+        canonical,
+        "the edit changes the encoding, not the manifest"
+    );
+    raw.build()
+}
+
+fn manifest_map(payload: &[u8]) -> Vec<(ciborium::Value, ciborium::Value)> {
+    ciborium::from_reader::<ciborium::Value, _>(payload)
+        .unwrap()
+        .into_map()
+        .unwrap()
+}
+
+fn encode_map(map: Vec<(ciborium::Value, ciborium::Value)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Map(map), &mut out).unwrap();
+    out
 }
 
 fn device() -> DeviceIdentity {
@@ -353,6 +414,38 @@ fn every_fixture_bundle_gets_its_own_verdict() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn only_the_canonical_encoding_of_a_signed_manifest_is_accepted() {
+    let wasm = tiny_wasm();
+    let k = key(1);
+    let v = verifier(&[&k]);
+    let canonical = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k).build();
+    assert_eq!(canonical, signed(manifest("heartbeat", 5), &wasm, &k));
+    v.verify(&canonical, NOW, |_| None).unwrap();
+
+    let non_shortest = non_canonical(&wasm, &k, |p| {
+        let at = p.windows(4).position(|w| w == b"\x63seq").unwrap() + 4;
+        p.splice(at..at + 1, [0x1b, 0, 0, 0, 0, 0, 0, 0, 5]);
+    });
+    let err = v.verify(&non_shortest, NOW, |_| None).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestNotCanonical { ref module, .. } if module == "heartbeat"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("canonical encoding"), "{err}");
+
+    let reordered = non_canonical(&wasm, &k, |p| {
+        let mut map = manifest_map(p);
+        map.reverse();
+        *p = encode_map(map);
+    });
+    let err = v.verify(&reordered, NOW, |_| None).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestNotCanonical { .. }),
+        "{err}"
+    );
 }
 
 #[test]

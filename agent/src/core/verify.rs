@@ -3,9 +3,10 @@
 //!
 //! The order is: size and container shape; COSE structure; algorithm EdDSA and a trusted `kid`
 //! in the protected header; the signature (strict Ed25519); then, on signed bytes only, the
-//! manifest's form, targets, expiry, sequence number, Wasm size and digest, then the Wasm itself
-//! through [`crate::engine::check`]: structure within the limits before anything is allocated
-//! from its counts, every function validated and translated, memory within the manifest's cap.
+//! manifest's canonical encoding (decoded and encoded again, byte for byte the same), its form,
+//! targets, expiry, sequence number, Wasm size and digest, then the Wasm itself through
+//! [`crate::engine::check`]: structure within the limits before anything is allocated from its
+//! counts, every function validated and translated, memory within the manifest's cap.
 
 use coset::iana;
 use ed25519_dalek::Signature;
@@ -135,6 +136,18 @@ pub enum VerifyError {
         module: String,
         /// Decoder message.
         reason: String,
+    },
+    /// The signed manifest decodes, but its bytes are not its canonical encoding (a non-shortest
+    /// head, keys in another order, a default written out that is omitted, ...): exactly one
+    /// encoding of each manifest is accepted (docs/protocol.md, "Canonical encoding").
+    #[error(
+        "bundle for module {module:?}: refused: the signed manifest is not in its canonical encoding (docs/protocol.md): it differs from the canonical bytes at byte {at}"
+    )]
+    ManifestNotCanonical {
+        /// Module name.
+        module: String,
+        /// Offset of the first byte that differs (the shorter length when one is a prefix).
+        at: usize,
     },
     /// A manifest field is malformed (bad name, limits, caps, targets).
     #[error("bundle refused: {0}")]
@@ -311,6 +324,12 @@ impl Verifier {
                 module: unverified(),
                 reason,
             })?;
+        if let Some(at) = first_difference(&manifest.to_cbor(), payload) {
+            return Err(VerifyError::ManifestNotCanonical {
+                module: manifest.name,
+                at,
+            });
+        }
         manifest.check()?;
         let module = || manifest.name.clone();
         let wasm = match (manifest.action, raw.wasm, manifest.wasm) {
@@ -479,6 +498,15 @@ impl Verifier {
             });
         }
         Ok(checked)
+    }
+}
+
+/// The offset of the first byte at which `a` and `b` differ, if they do.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(at) => Some(at),
+        None if a.len() != b.len() => Some(a.len().min(b.len())),
+        None => None,
     }
 }
 
