@@ -120,7 +120,7 @@ fn main() {
     );
     wait_port(port);
 
-    let key = keys::generate().unwrap();
+    let key = edge_agent::cli::common::generate_key().unwrap();
     std::fs::write(
         dir.path().join("ops.pub"),
         keys::public_key_pem(&key.verifying_key()),

@@ -66,25 +66,15 @@ pub struct MqttConfig {
     /// Longest reconnect delay, milliseconds.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_ms: u64,
-    /// CA certificate(s) for `mqtts://` (PEM); without it, the system's roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate for mutual TLS (PEM): the device's identity.
-    #[serde(default)]
-    pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[serde(default)]
-    pub client_key: Option<PathBuf>,
+    /// TLS files for `mqtts://`: keys `ca_file`, `client_cert` and `client_key` of this table.
+    #[serde(flatten)]
+    pub tls: TlsFiles,
 }
 
 impl MqttConfig {
-    /// The TLS files.
+    /// A copy of the TLS files, as the client setup takes them.
     pub fn tls(&self) -> TlsFiles {
-        TlsFiles {
-            ca_file: self.ca_file.clone(),
-            client_cert: self.client_cert.clone(),
-            client_key: self.client_key.clone(),
-        }
+        self.tls.clone()
     }
 }
 
@@ -260,16 +250,7 @@ impl Config {
         {
             fix(p);
         }
-        for p in [
-            &mut self.mqtt.ca_file,
-            &mut self.mqtt.client_cert,
-            &mut self.mqtt.client_key,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            fix(p);
-        }
+        self.mqtt.tls.paths_mut().for_each(fix);
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -383,6 +364,35 @@ url = "mqtt://127.0.0.1:1883"
             }
         }
         assert!(parsed >= 2, "dev.toml and pi.toml at least");
+    }
+
+    #[test]
+    fn tls_files_keep_their_mqtt_keys_and_resolve_against_the_file() {
+        let text = format!(
+            "{MINIMAL}ca_file = \"tls/ca.pem\"\nclient_cert = \"/abs/device.pem\"\nclient_key = \"tls/device.key\"\n"
+        );
+        let c = Config::from_toml(&text, Path::new("/etc/edge-agent")).unwrap();
+        assert_eq!(
+            c.mqtt.tls(),
+            TlsFiles {
+                ca_file: Some("/etc/edge-agent/tls/ca.pem".into()),
+                client_cert: Some("/abs/device.pem".into()),
+                client_key: Some("/etc/edge-agent/tls/device.key".into()),
+            }
+        );
+        let none = Config::from_toml(MINIMAL, Path::new("/x")).unwrap();
+        assert_eq!(none.mqtt.tls(), TlsFiles::default());
+    }
+
+    #[test]
+    fn unknown_keys_beside_the_tls_files_are_still_refused() {
+        let err = Config::from_toml(
+            &format!("{MINIMAL}ca_file = \"ca.pem\"\ncafile = \"ca.pem\"\n"),
+            Path::new("/x"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cafile"), "{err}");
     }
 
     #[test]

@@ -21,19 +21,40 @@ pub struct BrokerUrl {
     pub tls: bool,
 }
 
-/// TLS files (PEM).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The TLS files (PEM): the one declaration of the triple, shared by the agent's configuration
+/// (`[mqtt]` keys `ca_file`, `client_cert`, `client_key`, through `#[serde(flatten)]`) and
+/// `edgectl`'s broker arguments (`--ca`, `--tls-cert`, `--tls-key`, through
+/// `#[command(flatten)]`).
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args,
+)]
 pub struct TlsFiles {
-    /// CA certificate(s) the broker's certificate must chain to; without it, the system's roots.
-    #[serde(default)]
+    /// CA certificate(s) (PEM) the broker's certificate must chain to, for mqtts://; without
+    /// it, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "ca", value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
-    /// Client certificate (mutual TLS: the device's identity).
-    #[serde(default)]
+    /// Client certificate (PEM) for mutual TLS: the client's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "tls-cert", value_name = "FILE")]
     pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key.
-    #[serde(default)]
+    /// The client certificate's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[arg(long = "tls-key", value_name = "FILE")]
     pub client_key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The files that are given, for resolving relative paths.
+    pub fn paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        [
+            &mut self.ca_file,
+            &mut self.client_cert,
+            &mut self.client_key,
+        ]
+        .into_iter()
+        .flatten()
+    }
 }
 
 /// Why a broker connection cannot be set up.

@@ -3,7 +3,7 @@
 
 use coset::iana;
 use edge_agent::core::bundle::{self, ContainerError};
-use edge_agent::core::manifest::{Action, ManifestProblem, Sha256, Targets, WasmRef};
+use edge_agent::core::manifest::{Action, ManifestProblem, SEQ_MAX, Sha256, Targets, WasmRef};
 use edge_agent::core::verify::{DeviceIdentity, VerifyError};
 use proptest::prelude::*;
 
@@ -74,6 +74,8 @@ fn cases() -> Vec<Case> {
 
     let mut removal = manifest("heartbeat", 6);
     removal.action = Action::Remove;
+    let mut removal_at_max = removal.clone();
+    removal_at_max.seq = SEQ_MAX;
 
     let not_wasm = b"#!/bin/sh\necho not wasm\n".to_vec();
     let mut broken_wasm = wasm.clone();
@@ -284,7 +286,102 @@ fn cases() -> Vec<Case> {
             signed(elsewhere, &wasm, &k),
             |e| matches!(e, VerifyError::NotForThisDevice { .. }),
         ),
+        case(
+            "seq above 2^53",
+            {
+                let mut m = manifest("heartbeat", 5);
+                m.seq = u64::MAX;
+                Raw::new(m, Some(&wasm), &k).build()
+            },
+            |e| {
+                matches!(
+                    e,
+                    VerifyError::Manifest(ManifestProblem::SeqTooLarge { seq: u64::MAX, .. })
+                )
+            },
+        ),
+        case(
+            "a removal with seq above 2^53",
+            {
+                let mut m = removal_at_max.clone();
+                m.seq = SEQ_MAX + 1;
+                Raw::new(m, None, &k).build()
+            },
+            |e| {
+                matches!(
+                    e,
+                    VerifyError::Manifest(ManifestProblem::SeqTooLarge { .. })
+                )
+            },
+        ),
+        case(
+            "a non-shortest seq in the signed manifest",
+            non_canonical(&wasm, &k, |p| {
+                // "seq": 5 as a one-byte head (18 05) instead of 05.
+                let at = p.windows(4).position(|w| w == b"\x63seq").unwrap() + 4;
+                assert_eq!(p[at], 0x05);
+                p.insert(at, 0x18);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
+        case(
+            "the signed manifest's keys in another order",
+            non_canonical(&wasm, &k, |p| {
+                let mut map = manifest_map(p);
+                map.swap(1, 2);
+                *p = encode_map(map);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
+        case(
+            "a default the canonical form writes left out",
+            non_canonical(&wasm, &k, |p| {
+                let mut map = manifest_map(p);
+                map.retain(|(k, _)| k.as_text() != Some("action"));
+                *p = encode_map(map);
+            }),
+            |e| matches!(e, VerifyError::ManifestNotCanonical { .. }),
+        ),
+        Case {
+            name: "a removal at seq 2^53",
+            bundle: Raw::new(removal_at_max, None, &k).build(),
+            installed_seq: Some(5),
+            expect: Ok(()),
+        },
     ]
+}
+
+/// A validly signed install of "heartbeat" seq 5 whose manifest bytes `edit` changed before
+/// signing.
+fn non_canonical(
+    wasm: &[u8],
+    k: &ed25519_dalek::SigningKey,
+    edit: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut raw = Raw::new(manifest("heartbeat", 5), Some(wasm), k);
+    let canonical = raw.payload.clone();
+    edit(&mut raw.payload);
+    assert_ne!(raw.payload, canonical);
+    let decoded = edge_agent::core::manifest::Manifest::from_cbor(&raw.payload).unwrap();
+    assert_eq!(
+        decoded.to_cbor(),
+        canonical,
+        "the edit changes the encoding, not the manifest"
+    );
+    raw.build()
+}
+
+fn manifest_map(payload: &[u8]) -> Vec<(ciborium::Value, ciborium::Value)> {
+    ciborium::from_reader::<ciborium::Value, _>(payload)
+        .unwrap()
+        .into_map()
+        .unwrap()
+}
+
+fn encode_map(map: Vec<(ciborium::Value, ciborium::Value)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Map(map), &mut out).unwrap();
+    out
 }
 
 fn device() -> DeviceIdentity {
@@ -320,6 +417,38 @@ fn every_fixture_bundle_gets_its_own_verdict() {
 }
 
 #[test]
+fn only_the_canonical_encoding_of_a_signed_manifest_is_accepted() {
+    let wasm = tiny_wasm();
+    let k = key(1);
+    let v = verifier(&[&k]);
+    let canonical = Raw::new(manifest("heartbeat", 5), Some(&wasm), &k).build();
+    assert_eq!(canonical, signed(manifest("heartbeat", 5), &wasm, &k));
+    v.verify(&canonical, NOW, |_| None).unwrap();
+
+    let non_shortest = non_canonical(&wasm, &k, |p| {
+        let at = p.windows(4).position(|w| w == b"\x63seq").unwrap() + 4;
+        p.splice(at..at + 1, [0x1b, 0, 0, 0, 0, 0, 0, 0, 5]);
+    });
+    let err = v.verify(&non_shortest, NOW, |_| None).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestNotCanonical { ref module, .. } if module == "heartbeat"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("canonical encoding"), "{err}");
+
+    let reordered = non_canonical(&wasm, &k, |p| {
+        let mut map = manifest_map(p);
+        map.reverse();
+        *p = encode_map(map);
+    });
+    let err = v.verify(&reordered, NOW, |_| None).unwrap_err();
+    assert!(
+        matches!(err, VerifyError::ManifestNotCanonical { .. }),
+        "{err}"
+    );
+}
+
+#[test]
 fn errors_name_the_module_and_the_reason() {
     let v = verifier(&[&key(1)]);
     let b = signed(manifest("heartbeat", 2), &tiny_wasm(), &key(2));
@@ -338,10 +467,10 @@ fn a_verified_bundle_hands_back_its_manifest_and_wasm() {
     let v = verifier(&[&key(3), &key(1)])
         .verify(&b, NOW, |_| None)
         .unwrap();
-    assert_eq!(v.manifest.name, "echo");
+    assert_eq!(v.manifest().name, "echo");
     assert_eq!(v.wasm_bytes(), Some(&wasm[..]));
     assert_eq!(
-        v.key_id,
+        v.key_id(),
         edge_agent::core::keys::KeyId::of(&key(1).verifying_key())
     );
 }

@@ -1,4 +1,5 @@
-//! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them.
+//! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them, and how both
+//! binaries print a refusal: each reason once.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
@@ -335,4 +336,116 @@ fn inspect_refuses_what_is_not_a_bundle() {
         &["inspect", "--trust", "op.key.pub", "heartbeat.wasm"],
     ));
     assert!(err.contains("not a bundle"), "{err}");
+}
+
+/// Signs `manifest` (TOML) with op.key into `out`, returning the whole output.
+fn sign_manifest(dir: &Path, manifest: &str, out: &str) -> Output {
+    fs::write(dir.join("m.toml"), manifest).unwrap();
+    edgectl(
+        dir,
+        &[
+            "sign",
+            "--key",
+            "op.key",
+            "--wasm",
+            "heartbeat.wasm",
+            "--manifest",
+            "m.toml",
+            "--out",
+            out,
+        ],
+    )
+}
+
+#[test]
+fn sign_refuses_a_seq_above_two_to_the_53() {
+    let dir = signed_dir();
+    let at_max = MANIFEST.replace("seq = 1", "seq = 9007199254740992");
+    ok(sign_manifest(dir.path(), &at_max, "max.bundle"));
+    let above = MANIFEST.replace("seq = 1", "seq = 9007199254740993");
+    let err = fails(sign_manifest(dir.path(), &above, "above.bundle"));
+    assert!(
+        err.contains("seq 9007199254740993") && err.contains("2^53"),
+        "{err}"
+    );
+    assert!(!dir.path().join("above.bundle").exists());
+}
+
+#[test]
+fn sign_warns_on_stderr_when_the_bundle_names_no_targets() {
+    let dir = signed_dir();
+    let out = sign_manifest(dir.path(), MANIFEST, "any.bundle");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("no [targets]"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("every device that trusts key"), "{stderr}");
+
+    let targeted = format!("{MANIFEST}[targets]\ndevices = [\"pi-7\"]\n");
+    let out = sign_manifest(dir.path(), &targeted, "pi-7.bundle");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no warning");
+    let shown = ok(edgectl(dir.path(), &["inspect", "pi-7.bundle"]));
+    assert!(shown.contains("devices=[pi-7]"), "{shown}");
+}
+
+/// How often `reason` appears in `text`.
+fn count(text: &str, reason: &str) -> usize {
+    text.matches(reason).count()
+}
+
+#[test]
+fn inspect_prints_each_reason_for_a_refusal_once() {
+    let dir = signed_dir();
+    let bundle = fs::read(dir.path().join("heartbeat.bundle")).unwrap();
+    let mut version2 = bundle.clone();
+    version2[1] = 0x02;
+    let mut signature = bundle.clone();
+    // The bundle ends with the signature, then the Wasm's byte string head and the Wasm.
+    let wasm_len = tiny_wasm().len();
+    let wasm_head = if wasm_len < 24 { 1 } else { 2 };
+    let last_signature_byte = bundle.len() - wasm_len - wasm_head - 1;
+    signature[last_signature_byte] ^= 0x01;
+    let mut trailing = bundle.clone();
+    trailing.push(0);
+    for (tampered, reason) in [
+        (version2, "bundle format version 2 is not supported"),
+        (signature, "the signature does not verify"),
+        (trailing, "1 bytes follow the bundle"),
+    ] {
+        fs::write(dir.path().join("tampered.bundle"), &tampered).unwrap();
+        let err = fails(edgectl(
+            dir.path(),
+            &["inspect", "--trust", "op.key.pub", "tampered.bundle"],
+        ));
+        assert_eq!(count(&err, reason), 1, "{err}");
+        assert_eq!(count(&err, "refused"), 1, "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    // A key error: the file named once, the reason once.
+    let err = fails(edgectl(
+        dir.path(),
+        &["inspect", "--trust", "op.key", "heartbeat.bundle"],
+    ));
+    assert_eq!(count(&err, "op.key"), 1, "{err}");
+    assert_eq!(count(&err, "not an Ed25519 public key"), 1, "{err}");
+}
+
+#[test]
+fn the_agent_prints_each_reason_it_cannot_start_once() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing.toml");
+    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+        .arg("--config")
+        .arg(&missing)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run edge-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("edge-agent: cannot read"), "{err}");
+    assert_eq!(count(&err, "No such file or directory"), 1, "{err}");
 }

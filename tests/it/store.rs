@@ -66,8 +66,8 @@ fn install_with_events(
     let bundle = signed(manifest(name, seq), wasm, k);
     let verified = verifier(&[k]).verify(&bundle, 0, |_| None).unwrap();
     store.install(
-        &verified.manifest,
-        verified.key_id,
+        verified.manifest(),
+        verified.key_id(),
         verified.wasm_bytes(),
         Sha256::of(&bundle),
         NOW_MS + seq,
@@ -262,8 +262,8 @@ fn install_refuses_a_removal_bundle() {
     let verified = verifier(&[&k]).verify(&bundle, 0, |_| None).unwrap();
     let err = store
         .install(
-            &verified.manifest,
-            verified.key_id,
+            verified.manifest(),
+            verified.key_id(),
             verified.wasm_bytes(),
             Sha256::of(&bundle),
             NOW_MS,
@@ -1593,8 +1593,8 @@ fn crash_worker(root: &Path) {
                 let bundle = signed(manifest(name, next_seq), w, &k);
                 let verified = v.verify(&bundle, 0, |_| None).unwrap();
                 let version = StoredVersion {
-                    manifest: verified.manifest.clone(),
-                    key_id_hex: verified.key_id.to_string(),
+                    manifest: verified.manifest().clone(),
+                    key_id_hex: verified.key_id().to_string(),
                     bundle_sha256: Sha256::of(&bundle),
                     installed_at_ms: clock,
                 };
@@ -1628,8 +1628,8 @@ fn crash_worker(root: &Path) {
                         let verified = v.verify(&bundle, 0, |_| None).unwrap();
                         store
                             .install(
-                                &verified.manifest,
-                                verified.key_id,
+                                verified.manifest(),
+                                verified.key_id(),
                                 verified.wasm_bytes(),
                                 Sha256::of(&bundle),
                                 now,

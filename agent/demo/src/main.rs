@@ -294,7 +294,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let modules = build_modules()?;
     let dir = tempfile::Builder::new().prefix("edge-demo-").tempdir()?;
-    let key = keys::generate()?;
+    let key = edge_agent::cli::common::generate_key()?;
     std::fs::write(
         dir.path().join("demo.key.pub"),
         keys::public_key_pem(&key.verifying_key()),

@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = verify::read_unverified(data, 1 << 20);
     if let Ok(v) = verifier().verify(data, 1_800_000_000, |_| Some(0)) {
         // Anything accepted must really carry what its manifest says.
-        if let (Some(wasm), Some(w)) = (v.wasm_bytes(), v.manifest.wasm) {
+        if let (Some(wasm), Some(w)) = (v.wasm_bytes(), v.manifest().wasm) {
             assert_eq!(wasm.len() as u64, w.size);
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser as _;
 use edge_agent::cli::agent::{Cli, Command};
+use edge_agent::cli::report::one_line;
 use edge_agent::cli::run_module;
 use edge_agent::config::Config;
 use edge_agent::daemon;
@@ -26,14 +27,14 @@ fn main() -> ExitCode {
                 Ok(Some(c)) => (c.runtime, c.hardware),
                 Ok(None) => (RuntimeConfig::default(), HardwareConfig::simulated()),
                 Err(e) => {
-                    eprintln!("edge-agent: {e}");
+                    eprintln!("edge-agent: {}", one_line(&e));
                     return ExitCode::from(2);
                 }
             };
             match run_module::run(&args, runtime, &hardware, &mut std::io::stdout().lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("edge-agent: {e}");
+                    eprintln!("edge-agent: {}", one_line(&e));
                     ExitCode::from(e.exit_code())
                 }
             }
@@ -41,8 +42,9 @@ fn main() -> ExitCode {
         None => match agent(cli) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                // The whole cause chain, then a non-zero exit so systemd restarts the agent.
-                eprintln!("edge-agent: {e:#}");
+                // The cause chain, each reason once, then a non-zero exit so systemd restarts
+                // the agent.
+                eprintln!("edge-agent: {}", one_line(e.as_ref()));
                 ExitCode::FAILURE
             }
         },

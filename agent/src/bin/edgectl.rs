@@ -4,16 +4,16 @@ use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
     let cli = edge_agent::cli::edgectl::Cli::parse();
-    match edge_agent::cli::edgectl::run(cli, &mut std::io::stdout().lock()) {
+    let result = edge_agent::cli::edgectl::run(
+        cli,
+        &mut std::io::stdout().lock(),
+        &mut std::io::stderr().lock(),
+    );
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprint!("edgectl: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                eprint!(": {cause}");
-                source = cause.source();
-            }
-            eprintln!();
+            // Each reason once: the error's text, then the causes it does not already say.
+            eprintln!("edgectl: {}", edge_agent::cli::report::one_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -2,20 +2,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
 
+use super::common::{
+    CliError, SMALL_FILE_MAX, generate_key, read_private_key, read_trust_set, unix_now,
+};
 use super::files::{self, FileError};
-use super::fleet::{self, FleetError};
-use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES, SignError};
-use crate::core::keys::{self, KeyError, KeyId, TrustSet};
+use super::fleet;
+use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
+use crate::core::keys::{self, KeyId};
 use crate::core::manifest::{Action, Manifest};
-use crate::core::verify::{self, Verifier, VerifyError};
+use crate::core::verify::{self, Verifier};
 use crate::engine::WasmLimits;
-
-/// Largest key or manifest file read.
-const SMALL_FILE_MAX: u64 = 64 * 1024;
 
 /// The operator's tool for an edge-agent fleet.
 #[derive(Debug, Parser)]
@@ -91,51 +90,8 @@ pub struct InspectArgs {
     pub bundle: PathBuf,
 }
 
-/// Why an edgectl command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// A file could not be read or written.
-    #[error(transparent)]
-    File(#[from] FileError),
-    /// A key file is not a usable key.
-    #[error("{path}: {source}")]
-    Key {
-        /// The key file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: KeyError,
-    },
-    /// The TOML manifest is malformed.
-    #[error("{path}: {reason}")]
-    Manifest {
-        /// The manifest file.
-        path: PathBuf,
-        /// Why.
-        reason: String,
-    },
-    /// Signing failed.
-    #[error(transparent)]
-    Sign(#[from] SignError),
-    /// The bundle failed verification (or could not be read at all).
-    #[error("{path}: {source}")]
-    Invalid {
-        /// The bundle file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: VerifyError,
-    },
-    /// A fleet command failed (broker, timeout, arguments).
-    #[error(transparent)]
-    Fleet(#[from] FleetError),
-    /// Writing to the terminal failed.
-    #[error("cannot write output: {0}")]
-    Output(#[from] std::io::Error),
-}
-
-/// Runs a parsed command, writing its report to `out`.
-pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+/// Runs a parsed command, writing its report to `out` and warnings to `warn` (stderr).
+pub fn run(cli: Cli, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), CliError> {
     let rt = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -144,7 +100,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Keygen { out: path } => keygen(&path, out),
-        Command::Sign(args) => sign(&args, out),
+        Command::Sign(args) => sign(&args, out, warn),
         Command::Inspect(args) => inspect(&args, out),
         Command::Deploy(args) => rt()?.block_on(fleet::deploy(&args, out)),
         Command::Remove(args) => rt()?.block_on(fleet::remove(&args, out)),
@@ -157,11 +113,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
 }
 
 fn keygen(path: &Path, out: &mut dyn Write) -> Result<(), CliError> {
-    let key_err = |source| CliError::Key {
-        path: path.to_path_buf(),
-        source,
-    };
-    let key = keys::generate().map_err(key_err)?;
+    let key = generate_key()?;
     let public = key.verifying_key();
     let pub_path = public_key_path(path);
     // Refuse before writing anything, so a failure leaves no half-made pair behind.
@@ -201,31 +153,7 @@ fn read_manifest(path: &Path) -> Result<Manifest, CliError> {
     })
 }
 
-/// Reads a private key file.
-pub fn read_private_key(path: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
-    let text = files::read_text(path, SMALL_FILE_MAX)?;
-    keys::parse_private_key(&text).map_err(|source| CliError::Key {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Reads public key files into a trust set.
-pub fn read_trust_set(paths: &[PathBuf]) -> Result<TrustSet, CliError> {
-    let mut trust = TrustSet::new();
-    for path in paths {
-        let key_err = |source| CliError::Key {
-            path: path.clone(),
-            source,
-        };
-        let text = files::read_text(path, SMALL_FILE_MAX)?;
-        let key = keys::parse_public_key(&text).map_err(key_err)?;
-        trust.insert(key).map_err(key_err)?;
-    }
-    Ok(trust)
-}
-
-fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
+fn sign(args: &SignArgs, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), CliError> {
     let manifest = read_manifest(&args.manifest)?;
     let key = read_private_key(&args.key)?;
     let wasm = match &args.wasm {
@@ -250,14 +178,17 @@ fn sign(args: &SignArgs, out: &mut dyn Write) -> Result<(), CliError> {
         args.out.display(),
         bundle.len()
     )?;
+    if manifest.targets.is_none() {
+        writeln!(
+            warn,
+            "edgectl: warning: {} has no [targets]: {} is valid on every device that trusts key {}, \
+             whichever device's or group's topic it is published to",
+            args.manifest.display(),
+            args.out.display(),
+            KeyId::of(&key.verifying_key())
+        )?;
+    }
     Ok(())
-}
-
-/// Seconds since the Unix epoch, by the system clock.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
@@ -275,7 +206,8 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let v = verifier
             .verify(&bytes, unix_now(), |_| None)
             .map_err(invalid)?;
-        (v.manifest, v.key_id.to_string(), true)
+        let kid = v.key_id().to_string();
+        (v.into_manifest(), kid, true)
     };
     if args.json {
         let report = serde_json::json!({

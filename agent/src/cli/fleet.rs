@@ -8,11 +8,11 @@ use std::time::Duration;
 use clap::Args;
 use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
 
-use super::edgectl::{CliError, read_private_key};
+use super::common::{CliError, FleetError, read_private_key, unix_now};
 use super::files;
 use super::run_module::show_payload;
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
-use crate::core::manifest::{Action, Manifest, is_valid_module_name};
+use crate::core::manifest::{Action, Manifest, Targets, is_valid_module_name};
 use crate::core::protocol::{self, Event, LogRecord, Status};
 use crate::core::text::printable;
 use crate::core::topics::Topics;
@@ -25,15 +25,9 @@ pub struct BrokerArgs {
     /// The broker: mqtt://host[:port] or mqtts://host[:port].
     #[arg(long, env = "EDGECTL_BROKER")]
     pub broker: String,
-    /// CA certificate (PEM) for mqtts://.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    #[arg(long)]
-    pub tls_cert: Option<PathBuf>,
-    /// The client certificate's key (PEM).
-    #[arg(long)]
-    pub tls_key: Option<PathBuf>,
+    /// TLS files: `--ca`, `--tls-cert`, `--tls-key`.
+    #[command(flatten)]
+    pub tls: TlsFiles,
     /// Topic prefix.
     #[arg(long, default_value = "edge")]
     pub prefix: String,
@@ -121,28 +115,6 @@ pub struct RestartArgs {
     module: String,
 }
 
-/// Why a fleet command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum FleetError {
-    /// Broker settings.
-    #[error(transparent)]
-    Setup(#[from] mqtt::MqttSetupError),
-    /// The broker could not be reached or dropped the connection.
-    #[error("broker {broker}: {reason}")]
-    Broker {
-        /// The URL.
-        broker: String,
-        /// Why.
-        reason: String,
-    },
-    /// Nothing arrived in time.
-    #[error("{0}")]
-    Timeout(String),
-    /// A bad argument.
-    #[error("{0}")]
-    Usage(String),
-}
-
 struct Session {
     client: AsyncClient,
     eventloop: EventLoop,
@@ -153,11 +125,7 @@ async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
     let settings = ClientSettings {
         client_id: format!("edgectl-{}", random_suffix()),
         url: BrokerUrl::parse(&args.broker).map_err(FleetError::from)?,
-        tls: TlsFiles {
-            ca_file: args.ca.clone(),
-            client_cert: args.tls_cert.clone(),
-            client_key: args.tls_key.clone(),
-        },
+        tls: args.tls.clone(),
         keep_alive: Duration::from_secs(30),
         max_packet_bytes: DEFAULT_MAX_BUNDLE_BYTES * 4 + mqtt::PACKET_OVERHEAD,
         last_will: None,
@@ -306,25 +274,10 @@ pub async fn deploy(args: &DeployArgs, out: &mut dyn Write) -> Result<(), CliErr
     Ok(())
 }
 
-/// `edgectl remove`: signs a removal and publishes it, retained, in place of the module's bundle.
+/// `edgectl remove`: signs a removal for the device or group it names and publishes it,
+/// retained, in place of the module's bundle.
 pub async fn remove(args: &RemoveArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    if !is_valid_module_name(&args.module) {
-        return Err(FleetError::Usage(format!("{:?} is not a module name", args.module)).into());
-    }
-    let key = read_private_key(&args.key)?;
-    let manifest = Manifest {
-        name: args.module.clone(),
-        version: String::new(),
-        seq: args.seq,
-        action: Action::Remove,
-        wasm: None,
-        limits: Default::default(),
-        caps: Default::default(),
-        expires_at: None,
-        targets: None,
-    };
-    let bundle = bundle::sign(manifest, None, &key, DEFAULT_MAX_BUNDLE_BYTES)?;
-    let topic = desired_topic(&args.broker.prefix, &args.target, &args.module)?;
+    let (topic, bundle) = sign_removal(args)?;
     let mut session = connect(&args.broker).await?;
     session.publish(topic.clone(), true, bundle).await?;
     writeln!(
@@ -333,6 +286,38 @@ pub async fn remove(args: &RemoveArgs, out: &mut dyn Write) -> Result<(), CliErr
         args.module, args.seq
     )?;
     Ok(())
+}
+
+/// What `edgectl remove` publishes and where: the desired topic of the device or group, and a
+/// removal signed for that device or group only (`targets`), so that the retained message,
+/// copied to another device's or group's topic, removes nothing there.
+pub fn sign_removal(args: &RemoveArgs) -> Result<(String, Vec<u8>), CliError> {
+    if !is_valid_module_name(&args.module) {
+        return Err(FleetError::Usage(format!("{:?} is not a module name", args.module)).into());
+    }
+    let topic = desired_topic(&args.broker.prefix, &args.target, &args.module)?;
+    let key = read_private_key(&args.key)?;
+    let manifest = removal_manifest(&args.target, &args.module, args.seq);
+    let bundle = bundle::sign(manifest, None, &key, DEFAULT_MAX_BUNDLE_BYTES)?;
+    Ok((topic, bundle))
+}
+
+/// The manifest of a removal of `module` at `seq` for the device or group `target` names.
+pub fn removal_manifest(target: &Target, module: &str, seq: u64) -> Manifest {
+    Manifest {
+        name: module.to_string(),
+        version: String::new(),
+        seq,
+        action: Action::Remove,
+        wasm: None,
+        limits: Default::default(),
+        caps: Default::default(),
+        expires_at: None,
+        targets: Some(Targets {
+            devices: target.device.iter().cloned().collect(),
+            groups: target.group.iter().cloned().collect(),
+        }),
+    }
 }
 
 /// `edgectl restart`: asks the device to restart a module (also out of quarantine).
@@ -386,9 +371,7 @@ pub async fn status(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliErro
 
 /// Prints a status report as a table.
 pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
-    let age = crate::cli::edgectl::unix_now()
-        .saturating_mul(1000)
-        .saturating_sub(s.ts_ms);
+    let age = unix_now().saturating_mul(1000).saturating_sub(s.ts_ms);
     writeln!(
         out,
         "device {}  {}  agent {}  up {} s  report {:.1} s old{}",
@@ -572,6 +555,102 @@ pub async fn telemetry(args: &WatchArgs, out: &mut dyn Write) -> Result<(), CliE
 mod tests {
     use super::*;
 
+    /// What `edgectl remove ARGS` would publish (topic and bundle), signed by key seed 1.
+    fn removal(args: &[&str]) -> (String, Vec<u8>) {
+        #[derive(Debug, clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            remove: RemoveArgs,
+        }
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("op.key");
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        std::fs::write(&key, crate::core::keys::private_key_pem(&signing)).unwrap();
+        let mut argv = vec![
+            "probe",
+            "--broker",
+            "mqtt://h",
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(&["--module", "heartbeat", "--seq", "5"]);
+        argv.extend_from_slice(args);
+        sign_removal(&Probe::try_parse_from(argv).unwrap().remove).unwrap()
+    }
+
+    fn verify_as(bundle: &[u8], device: &str, groups: &[&str]) -> Result<(), verify::VerifyError> {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key();
+        let trust = crate::core::keys::TrustSet::from_keys([key]).unwrap();
+        verify::Verifier::new(trust, crate::engine::WasmLimits::default())
+            .for_device(verify::DeviceIdentity {
+                id: device.into(),
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+            })
+            .verify(bundle, 0, |_| Some(4))
+            .map(|_| ())
+    }
+
+    #[test]
+    fn a_removal_signed_for_one_device_is_refused_by_every_other_device() {
+        let (topic, bundle) = removal(&["--device", "pi-7"]);
+        assert_eq!(topic, "edge/pi-7/desired/heartbeat");
+        verify_as(&bundle, "pi-7", &[]).unwrap();
+        for (device, groups) in [("pi-8", &[][..]), ("pi-8", &["pi-7"][..])] {
+            let err = verify_as(&bundle, device, groups).unwrap_err();
+            assert!(
+                matches!(err, verify::VerifyError::NotForThisDevice { .. }),
+                "{device} {groups:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_removal_signed_for_a_group_is_refused_outside_the_group() {
+        let (topic, bundle) = removal(&["--group", "greenhouse"]);
+        assert_eq!(topic, "edge/group/greenhouse/desired/heartbeat");
+        verify_as(&bundle, "pi-8", &["barn", "greenhouse"]).unwrap();
+        for (device, groups) in [("pi-9", &["barn"][..]), ("greenhouse", &[][..])] {
+            let err = verify_as(&bundle, device, groups).unwrap_err();
+            assert!(
+                matches!(err, verify::VerifyError::NotForThisDevice { .. }),
+                "{device} {groups:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_tls_flags_fill_the_shared_tls_files() {
+        #[derive(Debug, clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            broker: BrokerArgs,
+        }
+        use clap::Parser as _;
+        let p = Probe::try_parse_from([
+            "probe",
+            "--broker",
+            "mqtts://broker.example",
+            "--ca",
+            "ca.pem",
+            "--tls-cert",
+            "op.pem",
+            "--tls-key",
+            "op.key",
+        ])
+        .unwrap();
+        assert_eq!(
+            p.broker.tls,
+            TlsFiles {
+                ca_file: Some("ca.pem".into()),
+                client_cert: Some("op.pem".into()),
+                client_key: Some("op.key".into()),
+            }
+        );
+        let p = Probe::try_parse_from(["probe", "--broker", "mqtt://h"]).unwrap();
+        assert_eq!(p.broker.tls, TlsFiles::default());
+    }
+
     #[test]
     fn timestamps_read_as_utc() {
         assert_eq!(format_ts(0), "1970-01-01T00:00:00.000Z");
@@ -583,7 +662,7 @@ mod tests {
     fn text_from_modules_and_devices_reaches_the_terminal_escaped() {
         let log = LogRecord {
             ts_ms: 0,
-            level: crate::runtime::host::LogLevel::Info,
+            level: protocol::LogLevel::Info,
             text: "\u{1b}[2J\rforged\0\nline".into(),
         };
         let event = Event {

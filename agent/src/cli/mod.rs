@@ -1,7 +1,9 @@
 //! Command-line front ends. The binaries in `src/bin` only call into here.
 
 pub mod agent;
+pub mod common;
 pub mod edgectl;
 mod files;
 pub mod fleet;
+pub mod report;
 pub mod run_module;

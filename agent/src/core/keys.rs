@@ -42,7 +42,7 @@ impl fmt::Debug for KeyId {
 }
 
 /// Problems with key material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     /// The text is not a PKCS#8 PEM Ed25519 private key.
     #[error("not an Ed25519 private key in PKCS#8 PEM form: {0}")]
@@ -53,16 +53,17 @@ pub enum KeyError {
     /// The public key is of small order and would accept forged signatures.
     #[error("public key {0} is a weak (small-order) Ed25519 key and cannot be trusted")]
     WeakKey(KeyId),
-    /// The operating system's random source failed.
-    #[error("the system random source failed: {0}")]
-    Random(String),
+    /// Another trusted key has the same key id: a bundle's `kid` could not say which signed it.
+    #[error(
+        "public key with key id {0} cannot be trusted: a different trusted key has the same key id"
+    )]
+    KeyIdCollision(KeyId),
 }
 
-/// Makes a new signing key from the operating system's random source.
-pub fn generate() -> Result<SigningKey, KeyError> {
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
-    Ok(SigningKey::from_bytes(&seed))
+/// The signing key made from a 32-byte secret seed. The seed must come from a cryptographically
+/// secure random source, which the caller reads (`edgectl keygen`: the operating system's).
+pub fn signing_key_from_seed(seed: &[u8; 32]) -> SigningKey {
+    SigningKey::from_bytes(seed)
 }
 
 /// PKCS#8 PEM of a private key. Written as PKCS#8 v1 (RFC 8410 `PrivateKeyInfo` without the
@@ -112,14 +113,26 @@ impl TrustSet {
         Self::default()
     }
 
-    /// Adds a key; returns its id. Weak keys are refused.
+    /// Adds a key; returns its id. Weak keys are refused, and so is a key whose id another
+    /// trusted key has ([`KeyError::KeyIdCollision`]: the set stays as it was). The same key
+    /// again is harmless and changes nothing (two copies of one key file, say).
     pub fn insert(&mut self, key: VerifyingKey) -> Result<KeyId, KeyError> {
-        let id = KeyId::of(&key);
+        self.insert_as(KeyId::of(&key), key)
+    }
+
+    /// [`TrustSet::insert`] under a given id: a real 64-bit collision cannot be made in a test.
+    fn insert_as(&mut self, id: KeyId, key: VerifyingKey) -> Result<KeyId, KeyError> {
         if key.is_weak() {
             return Err(KeyError::WeakKey(id));
         }
-        self.keys.insert(id, key);
-        Ok(id)
+        match self.keys.get(&id) {
+            Some(trusted) if *trusted == key => Ok(id),
+            Some(_) => Err(KeyError::KeyIdCollision(id)),
+            None => {
+                self.keys.insert(id, key);
+                Ok(id)
+            }
+        }
     }
 
     /// The key with this id, if trusted.
@@ -184,6 +197,32 @@ mod tests {
     }
 
     #[test]
+    fn a_second_key_with_the_same_key_id_is_refused_and_the_first_stays() {
+        let first = SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let second = SigningKey::from_bytes(&[8; 32]).verifying_key();
+        let id = KeyId::of(&first);
+        let mut set = TrustSet::new();
+        assert_eq!(set.insert(first), Ok(id));
+        let err = set.insert_as(id, second).unwrap_err();
+        assert_eq!(err, KeyError::KeyIdCollision(id));
+        assert!(err.to_string().contains(&id.to_string()), "{err}");
+        assert_eq!(
+            set.get(&id),
+            Some(&first),
+            "the first key is still the one trusted"
+        );
+        assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn the_same_key_twice_is_trusted_once() {
+        let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+        let set = TrustSet::from_keys([key, key]).unwrap();
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.get(&KeyId::of(&key)), Some(&key));
+    }
+
+    #[test]
     fn weak_keys_are_refused() {
         // The identity point (small order) encoded as a public key.
         let mut identity = [0u8; 32];
@@ -194,13 +233,5 @@ mod tests {
             Err(KeyError::WeakKey(_))
         ));
         assert!(parse_public_key(&public_key_pem(&weak)).is_err());
-    }
-
-    #[test]
-    fn generated_keys_differ() {
-        assert_ne!(
-            generate().unwrap().to_bytes(),
-            generate().unwrap().to_bytes()
-        );
     }
 }

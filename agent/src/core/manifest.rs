@@ -21,6 +21,11 @@ pub const TOPIC_PATTERN_MAX_LEN: usize = 256;
 pub const LIST_MAX_LEN: usize = 64;
 /// Largest linear memory a wasm32 module can address.
 pub const WASM32_MEMORY_MAX: u64 = 1 << 32;
+/// Largest `seq`: 2^53. A device accepts only a greater `seq` than it accepted before (removals
+/// included), so a bundle at the top of the u64 range would leave its module on the device for
+/// good; the bound keeps 2^64 - 2^53 values above any accepted `seq`, and every `seq` exact in a
+/// double (JSON, JavaScript tooling).
+pub const SEQ_MAX: u64 = 1 << 53;
 
 /// What a bundle asks the device to do with the module it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -212,6 +217,11 @@ impl Targets {
 }
 
 /// The signed manifest.
+///
+/// The order of the fields here (and in the types it holds) is the order of the keys in its
+/// canonical CBOR encoding ([`Manifest::to_cbor`], docs/protocol.md "Canonical encoding"), which
+/// devices require: reordering fields, or changing which are omitted, changes what every
+/// existing bundle must look like.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -220,7 +230,8 @@ pub struct Manifest {
     /// Human version string (not used for ordering; `seq` is).
     #[serde(default)]
     pub version: String,
-    /// Sequence number; must strictly increase per module on a device (anti-rollback).
+    /// Sequence number; must strictly increase per module on a device (anti-rollback). At most
+    /// [`SEQ_MAX`].
     pub seq: u64,
     /// Install or remove.
     #[serde(default)]
@@ -248,6 +259,16 @@ pub enum ManifestProblem {
     /// The name does not match `[a-z0-9][a-z0-9-]{0,62}`.
     #[error("module name {0:?} is not well formed: it must match [a-z0-9][a-z0-9-]{{0,62}}")]
     BadName(String),
+    /// The sequence number is above [`SEQ_MAX`].
+    #[error(
+        "module {module:?}: seq {seq} is above the largest allowed seq, 2^53 = {SEQ_MAX}: nothing could ever replace or remove it"
+    )]
+    SeqTooLarge {
+        /// Module name.
+        module: String,
+        /// The offending seq.
+        seq: u64,
+    },
     /// The version string is empty (installs), too long or has control characters.
     #[error("module {module:?}: version {version:?} {reason}")]
     BadVersion {
@@ -385,6 +406,12 @@ impl Manifest {
             return Err(ManifestProblem::BadName(self.name.clone()));
         }
         let module = || self.name.clone();
+        if self.seq > SEQ_MAX {
+            return Err(ManifestProblem::SeqTooLarge {
+                module: module(),
+                seq: self.seq,
+            });
+        }
         let bad_version = |reason| ManifestProblem::BadVersion {
             module: module(),
             version: self.version.clone(),
@@ -491,7 +518,12 @@ impl Manifest {
         Ok(())
     }
 
-    /// Encodes the manifest as CBOR, as it travels in the COSE_Sign1 payload.
+    /// Encodes the manifest as CBOR, as it travels in the COSE_Sign1 payload: its one canonical
+    /// encoding (docs/protocol.md, "Canonical encoding"). Keys in field order, every head in
+    /// shortest form, definite lengths, no tags; `wasm`, `caps`, `expires_at`, `targets` and the
+    /// lists and quota inside `caps` and `targets` omitted when empty; everything else always
+    /// written. Devices decode a signed manifest, encode it again with this function and refuse
+    /// it unless the bytes are the same.
     pub fn to_cbor(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
         // Writing plain data into a Vec cannot fail.
@@ -553,6 +585,95 @@ i2c = [{ bus = 1, addresses = [0x76] }]
             groups: vec![],
         });
         assert_eq!(Manifest::from_cbor(&m.to_cbor()).unwrap(), m);
+    }
+
+    fn cbor_keys(bytes: &[u8]) -> Vec<String> {
+        let value: ciborium::Value = ciborium::from_reader(bytes).unwrap();
+        value
+            .into_map()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k.into_text().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_cbor_encoding_has_the_documented_key_order_and_omits_only_empty_optionals() {
+        let mut m = Manifest::from_toml(SAMPLE).unwrap();
+        m.caps.spi = vec![SpiGrant { bus: 0, cs: 1 }];
+        m.wasm = Some(WasmRef {
+            sha256: Sha256::of(b"x"),
+            size: 1,
+        });
+        m.expires_at = Some(42);
+        m.targets = Some(Targets {
+            devices: vec!["pi-1".into()],
+            groups: vec!["barn".into()],
+        });
+        let every = [
+            "name",
+            "version",
+            "seq",
+            "action",
+            "wasm",
+            "limits",
+            "caps",
+            "expires_at",
+            "targets",
+        ];
+        assert_eq!(cbor_keys(&m.to_cbor()), every);
+        let removal = Manifest::from_toml("name = 'heartbeat'\nseq = 3\naction = 'remove'\n");
+        assert_eq!(
+            cbor_keys(&removal.unwrap().to_cbor()),
+            ["name", "version", "seq", "action", "limits"],
+            "a removal's version, action and limits are written even at their defaults"
+        );
+        let value: ciborium::Value = ciborium::from_reader(&m.to_cbor()[..]).unwrap();
+        let map = value.into_map().unwrap();
+        let keys_of = |key: &str| -> Vec<String> {
+            let (_, v) = map.iter().find(|(k, _)| k.as_text() == Some(key)).unwrap();
+            let mut bytes = Vec::new();
+            ciborium::into_writer(v, &mut bytes).unwrap();
+            cbor_keys(&bytes)
+        };
+        assert_eq!(keys_of("wasm"), ["sha256", "size"]);
+        assert_eq!(
+            keys_of("limits"),
+            ["fuel_per_call", "memory_max_bytes", "tick_interval_ms"]
+        );
+        assert_eq!(
+            keys_of("caps"),
+            ["publish", "kv_quota_bytes", "gpio", "i2c", "spi"]
+        );
+        assert_eq!(keys_of("targets"), ["devices", "groups"]);
+    }
+
+    #[test]
+    fn every_integer_in_the_cbor_encoding_has_a_shortest_head() {
+        // (seq, the bytes its value is encoded as after the "seq" key)
+        for (seq, head) in [
+            (0, &[0x00][..]),
+            (23, &[0x17]),
+            (24, &[0x18, 24]),
+            (255, &[0x18, 0xff]),
+            (256, &[0x19, 0x01, 0x00]),
+            (65_535, &[0x19, 0xff, 0xff]),
+            (65_536, &[0x1a, 0, 1, 0, 0]),
+            (u64::from(u32::MAX), &[0x1a, 0xff, 0xff, 0xff, 0xff]),
+            (1 << 32, &[0x1b, 0, 0, 0, 1, 0, 0, 0, 0]),
+            (SEQ_MAX, &[0x1b, 0, 0x20, 0, 0, 0, 0, 0, 0]),
+        ] {
+            let mut m = Manifest::from_toml(SAMPLE).unwrap();
+            m.seq = seq;
+            let bytes = m.to_cbor();
+            let mut expected = b"\x63seq".to_vec();
+            expected.extend_from_slice(head);
+            assert!(
+                bytes.windows(expected.len()).any(|w| w == expected),
+                "seq {seq}: {}",
+                hex::encode(&bytes)
+            );
+        }
     }
 
     #[test]
@@ -620,6 +741,35 @@ i2c = [{ bus = 1, addresses = [0x76] }]
         assert!(!topic_matches("a/b", "a/b/c"));
         assert!(!topic_matches("a/b/c", "a/b"));
         assert!(topic_matches("#", "x"));
+    }
+
+    #[test]
+    fn seq_is_bounded_by_two_to_the_53() {
+        let mut m = Manifest::from_toml(SAMPLE).unwrap();
+        m.seq = SEQ_MAX;
+        m.check().unwrap();
+        for seq in [SEQ_MAX + 1, u64::MAX] {
+            m.seq = seq;
+            let e = m.check().unwrap_err();
+            assert_eq!(
+                e,
+                ManifestProblem::SeqTooLarge {
+                    module: "heartbeat".into(),
+                    seq
+                }
+            );
+            assert!(e.to_string().contains("9007199254740992"), "{e}");
+        }
+        // A removal too: one at the top of the range could never be followed by an install.
+        let removal = Manifest::from_toml(&format!(
+            "name = 'heartbeat'\nseq = {}\naction = 'remove'\n",
+            SEQ_MAX + 1
+        ))
+        .unwrap();
+        assert!(matches!(
+            removal.check(),
+            Err(ManifestProblem::SeqTooLarge { .. })
+        ));
     }
 
     #[test]

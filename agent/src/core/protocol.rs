@@ -1,5 +1,8 @@
 //! Payloads the agent publishes (CBOR maps with text keys; docs/protocol.md): the retained device
-//! status, deployment events, module logs, and the operator's restart command.
+//! status, deployment events, module logs (and their [`LogLevel`]), and the operator's restart
+//! command.
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -154,13 +157,53 @@ pub struct Event {
     pub reason: Option<String>,
 }
 
+/// A module log line's severity: ABI v1's `level::*` from the guest, lower-case names in
+/// `LogRecord`, upper-case on terminals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// `level::ERROR`.
+    Error,
+    /// `level::WARN`.
+    Warn,
+    /// `level::INFO`.
+    Info,
+    /// `level::DEBUG`.
+    Debug,
+}
+
+impl LogLevel {
+    /// The level a guest passed to `log` (ABI v1's `level::*`), if it is one.
+    pub fn from_abi(l: i32) -> Option<Self> {
+        use edge_abi::level;
+        match l {
+            level::ERROR => Some(LogLevel::Error),
+            level::WARN => Some(LogLevel::Warn),
+            level::INFO => Some(LogLevel::Info),
+            level::DEBUG => Some(LogLevel::Debug),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogLevel::Error => "ERROR",
+            LogLevel::Warn => "WARN",
+            LogLevel::Info => "INFO",
+            LogLevel::Debug => "DEBUG",
+        })
+    }
+}
+
 /// A module's log line on `<p>/<device>/logs/<module>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRecord {
     /// Unix milliseconds.
     pub ts_ms: u64,
     /// Severity.
-    pub level: crate::runtime::host::LogLevel,
+    pub level: LogLevel,
     /// The line.
     pub text: String,
 }

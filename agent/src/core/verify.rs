@@ -3,9 +3,10 @@
 //!
 //! The order is: size and container shape; COSE structure; algorithm EdDSA and a trusted `kid`
 //! in the protected header; the signature (strict Ed25519); then, on signed bytes only, the
-//! manifest's form, targets, expiry, sequence number, Wasm size and digest, then the Wasm itself
-//! through [`crate::engine::check`]: structure within the limits before anything is allocated
-//! from its counts, every function validated and translated, memory within the manifest's cap.
+//! manifest's canonical encoding (decoded and encoded again, byte for byte the same), its form,
+//! targets, expiry, sequence number, Wasm size and digest, then the Wasm itself through
+//! [`crate::engine::check`]: structure within the limits before anything is allocated from its
+//! counts, every function validated and translated, memory within the manifest's cap.
 
 use coset::iana;
 use ed25519_dalek::Signature;
@@ -24,18 +25,43 @@ pub struct DeviceIdentity {
     pub groups: Vec<String>,
 }
 
-/// A bundle that passed every check.
+/// A bundle that passed every check. Only [`Verifier::verify`] makes one: its fields are private,
+/// so holding a `Verified` means the checks ran.
+///
+/// ```compile_fail,E0451
+/// use edge_agent::core::{keys::KeyId, manifest::Manifest, verify::Verified};
+/// fn forge(manifest: Manifest) -> Verified<'static> {
+///     Verified { manifest, key_id: KeyId([0; 8]), wasm: None }
+/// }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified<'a> {
-    /// The signed manifest (its `wasm` digest matches `wasm`).
-    pub manifest: Manifest,
-    /// The key that signed it.
-    pub key_id: KeyId,
-    /// The module bytes, checked, for installs.
-    pub wasm: Option<CheckedWasm<'a>>,
+    manifest: Manifest,
+    key_id: KeyId,
+    wasm: Option<CheckedWasm<'a>>,
 }
 
 impl<'a> Verified<'a> {
+    /// The signed manifest (its `wasm` digest matches [`Verified::wasm`]).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The manifest, taken out of the verified bundle.
+    pub fn into_manifest(self) -> Manifest {
+        self.manifest
+    }
+
+    /// The key that signed it.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The module, checked, for installs.
+    pub fn wasm(&self) -> Option<CheckedWasm<'a>> {
+        self.wasm
+    }
+
     /// The module bytes, for installs.
     pub fn wasm_bytes(&self) -> Option<&'a [u8]> {
         self.wasm.map(|w| w.bytes())
@@ -110,6 +136,18 @@ pub enum VerifyError {
         module: String,
         /// Decoder message.
         reason: String,
+    },
+    /// The signed manifest decodes, but its bytes are not its canonical encoding (a non-shortest
+    /// head, keys in another order, a default written out that is omitted, ...): exactly one
+    /// encoding of each manifest is accepted (docs/protocol.md, "Canonical encoding").
+    #[error(
+        "bundle for module {module:?}: refused: the signed manifest is not in its canonical encoding (docs/protocol.md): it differs from the canonical bytes at byte {at}"
+    )]
+    ManifestNotCanonical {
+        /// Module name.
+        module: String,
+        /// Offset of the first byte that differs (the shorter length when one is a prefix).
+        at: usize,
     },
     /// A manifest field is malformed (bad name, limits, caps, targets).
     #[error("bundle refused: {0}")]
@@ -286,6 +324,12 @@ impl Verifier {
                 module: unverified(),
                 reason,
             })?;
+        if let Some(at) = first_difference(&manifest.to_cbor(), payload) {
+            return Err(VerifyError::ManifestNotCanonical {
+                module: manifest.name,
+                at,
+            });
+        }
         manifest.check()?;
         let module = || manifest.name.clone();
         let wasm = match (manifest.action, raw.wasm, manifest.wasm) {
@@ -454,6 +498,15 @@ impl Verifier {
             });
         }
         Ok(checked)
+    }
+}
+
+/// The offset of the first byte at which `a` and `b` differ, if they do.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(at) => Some(at),
+        None if a.len() != b.len() => Some(a.len().min(b.len())),
+        None => None,
     }
 }
 

@@ -640,8 +640,8 @@ fn verify(
         permanent: true,
     };
     let verified = verified.map_err(|e| refused(e.to_string()))?;
-    let manifest = verified.manifest.clone();
-    let prepared = match (manifest.action, verified.wasm) {
+    let manifest = verified.manifest().clone();
+    let prepared = match (manifest.action, verified.wasm()) {
         (BundleAction::Install, Some(wasm)) => {
             let prepared = runtime
                 .prepare_checked(&manifest, wasm)
@@ -658,7 +658,7 @@ fn verify(
         _ => None,
     };
     Ok(Box::new(Checked {
-        key_id: verified.key_id,
+        key_id: verified.key_id(),
         wasm: verified.wasm_bytes().map(Arc::from),
         manifest,
         prepared,

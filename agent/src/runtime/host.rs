@@ -11,11 +11,12 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
-use edge_abi::{err, level, limits};
+use edge_abi::{err, limits};
 
 use super::fuel::{Meter, Stop, price};
 use super::kv::{KvError, KvStore};
 use crate::core::manifest::{Caps, I2cGrant, SpiGrant, check_topic, topic_matches};
+use crate::core::protocol::LogLevel;
 use crate::core::rate::{Rate, TokenBucket};
 use crate::hal::{Board, BoardError, Direction, HalError};
 
@@ -34,45 +35,6 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-}
-
-/// Log severity.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    /// `level::ERROR`.
-    Error,
-    /// `level::WARN`.
-    Warn,
-    /// `level::INFO`.
-    Info,
-    /// `level::DEBUG`.
-    Debug,
-}
-
-impl LogLevel {
-    fn from_abi(l: i32) -> Option<Self> {
-        match l {
-            level::ERROR => Some(LogLevel::Error),
-            level::WARN => Some(LogLevel::Warn),
-            level::INFO => Some(LogLevel::Info),
-            level::DEBUG => Some(LogLevel::Debug),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for LogLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LogLevel::Error => "ERROR",
-            LogLevel::Warn => "WARN",
-            LogLevel::Info => "INFO",
-            LogLevel::Debug => "DEBUG",
-        })
     }
 }
 
@@ -957,6 +919,7 @@ mod tests {
     use super::*;
     use crate::runtime::kv::MemoryKv;
     use crate::runtime::limiter::GuestLimiter;
+    use edge_abi::level;
 
     #[derive(Debug)]
     struct FixedClock(u64);
