@@ -7,7 +7,7 @@ use edge_agent::core::manifest::{Action, ManifestProblem, SEQ_MAX, Sha256, Targe
 use edge_agent::core::verify::{DeviceIdentity, VerifyError};
 use proptest::prelude::*;
 
-use crate::harness::{self, Raw, key, manifest, signed, tiny_wasm, verifier};
+use crate::support::{self, Raw, key, manifest, signed, tiny_wasm, verifier};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -561,7 +561,7 @@ fn the_byte_by_byte_example_in_the_protocol_doc_is_what_the_code_produces() {
         .filter_map(|l| l.split('|').next())
         .collect::<Vec<_>>()
         .join(" ");
-    let documented = harness::unhex(&hex_lines);
+    let documented = support::unhex(&hex_lines);
     let produced = example_bundle();
     assert_eq!(
         hex::encode(&documented),

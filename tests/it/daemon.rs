@@ -3,7 +3,7 @@
 //! broker and agent restarts, `kill -9` during installs, clean shutdown and the last will.
 //!
 //! Each test has its own broker, port, directories and agents; waits are bounded (see
-//! `broker.rs`). Modules tick every 50 ms so that a handful of ticks takes a fraction of a second.
+//! `support/`). Modules tick every 50 ms so that a handful of ticks takes a fraction of a second.
 
 use std::time::{Duration, Instant};
 
@@ -13,11 +13,11 @@ use edge_agent::core::protocol::{EventKind, ModuleState};
 use edge_agent::runtime::kv::KvStore as _;
 use edge_agent::store::{InstallState, Store};
 
-use crate::broker::{
+use crate::support::{
     Agent, AgentSetup, Certs, Mosquitto, Observer, Operator, Seen, edgectl, edgectl_ok, is_running,
     module_in, poll, start_rumqttd,
 };
-use crate::harness::{guest, key, signed};
+use crate::support::{guest, key, signed};
 
 /// Tick interval of every ticking module in these tests.
 const TICK_MS: u64 = 50;

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use crate::harness::{tempdir, tiny_wasm};
+use crate::support::{tempdir, tiny_wasm};
 
 const MANIFEST: &str = r#"
 name = "heartbeat"
@@ -24,7 +24,7 @@ i2c = [{ bus = 1, addresses = [0x76] }]
 "#;
 
 fn edgectl(dir: &Path, args: &[&str]) -> Output {
-    crate::harness::target_command(env!("CARGO_BIN_EXE_edgectl"))
+    crate::support::target_command(env!("CARGO_BIN_EXE_edgectl"))
         .args(args)
         .current_dir(dir)
         .output()
@@ -438,7 +438,7 @@ fn inspect_prints_each_reason_for_a_refusal_once() {
 fn the_agent_prints_each_reason_it_cannot_start_once() {
     let dir = tempdir();
     let missing = dir.path().join("missing.toml");
-    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+    let out = crate::support::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("--config")
         .arg(&missing)
         .env_remove("RUST_LOG")

@@ -12,7 +12,7 @@ use edge_agent::runtime::limiter::GuestLimiter;
 use edge_agent::runtime::{InstallError, Outcome, Runtime, RuntimeConfig};
 use embedded_hal_mock::eh1::{digital, i2c, spi};
 
-use crate::harness::guest;
+use crate::support::guest;
 
 #[derive(Debug)]
 struct FixedClock;
@@ -352,7 +352,7 @@ devices = [{ address = 0x76, kind = "bme280" }]
 
 #[test]
 fn an_agent_refuses_a_second_module_driving_the_same_line_and_runs_its_sensor_module() {
-    use crate::broker::{Agent, AgentSetup, Mosquitto, Observer, Operator, Seen};
+    use crate::support::{Agent, AgentSetup, Mosquitto, Observer, Operator, Seen};
     use edge_agent::core::protocol::EventKind;
 
     let broker = Mosquitto::start();
@@ -366,7 +366,7 @@ fn an_agent_refuses_a_second_module_driving_the_same_line_and_runs_its_sensor_mo
         let (mut m, _) = guest(wasm_of);
         m.name = name.to_string();
         m.limits.tick_interval_ms = 100;
-        crate::harness::signed(m, &guest(wasm_of).1, &op.key)
+        crate::support::signed(m, &guest(wasm_of).1, &op.key)
     };
     let m = obs.mark();
     obs.deploy("pi-hw", "blinky", &sign("blinky", "blinky"));

@@ -14,7 +14,7 @@ use edge_agent::runtime::runner::{self, GuestPool, QueueError, RunnerConfig, Run
 use edge_agent::runtime::{ModuleInstance, Outcome, Runtime, RuntimeConfig};
 
 use crate::bombs;
-use crate::harness::{key, manifest, signed, verifier};
+use crate::support::{key, manifest, signed, verifier};
 
 macro_rules! fixture {
     ($name:literal) => {

@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 use edge_agent::core::manifest::Manifest;
 use edge_agent::core::protocol::{EventKind, ModuleState};
 
-use crate::broker::{
+use crate::support::{
     Agent, AgentSetup, Certs, Mosquitto, Observer, Operator, Seen, edgectl_ok, module_in, poll,
 };
-use crate::harness::{guest, signed};
+use crate::support::{guest, signed};
 
 const TICK_MS: u64 = 50;
 
 fn wat_fixture(name: &str) -> Vec<u8> {
     let text = std::fs::read_to_string(
-        crate::harness::repo().join(format!("tests/it/hostile/{name}.wat")),
+        crate::support::repo().join(format!("tests/it/hostile/{name}.wat")),
     )
     .unwrap();
     wat::parse_str(text).unwrap()

@@ -2,12 +2,12 @@
 
 use std::process::Output;
 
-use crate::harness::guest_file;
+use crate::support::guest_file;
 
 fn run_module(name: &str, extra: &[&str]) -> Output {
     let wasm = guest_file(&format!("{name}.wasm"));
     let manifest = guest_file(&format!("{name}.toml"));
-    crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+    crate::support::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("run-module")
         .arg(&wasm)
         .arg("--manifest")
@@ -110,7 +110,7 @@ fn bme280_telemetry_prints_plausible_readings_from_the_simulated_board() {
 
 #[test]
 fn bme280_telemetry_without_its_i2c_grant_is_refused_at_install() {
-    let dir = crate::harness::tempdir();
+    let dir = crate::support::tempdir();
     let manifest = std::fs::read_to_string(guest_file("bme280-telemetry.toml")).unwrap();
     let stripped: String = manifest
         .lines()
@@ -120,7 +120,7 @@ fn bme280_telemetry_without_its_i2c_grant_is_refused_at_install() {
     assert_ne!(stripped, manifest, "the manifest had an i2c grant");
     let path = dir.path().join("no-i2c.toml");
     std::fs::write(&path, stripped).unwrap();
-    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+    let out = crate::support::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("run-module")
         .arg(guest_file("bme280-telemetry.wasm"))
         .arg("--manifest")
@@ -146,7 +146,7 @@ fn blinky_toggles_the_simulated_led() {
 
 #[test]
 fn a_module_cannot_drive_the_terminal_or_forge_a_line() {
-    let dir = crate::harness::tempdir();
+    let dir = crate::support::tempdir();
     let wasm = dir.path().join("forger.wasm");
     let manifest = dir.path().join("forger.toml");
     std::fs::write(
@@ -155,7 +155,7 @@ fn a_module_cannot_drive_the_terminal_or_forge_a_line() {
     )
     .unwrap();
     std::fs::write(&manifest, "name = \"forger\"\nversion = \"1\"\nseq = 1\n").unwrap();
-    let out = crate::harness::target_command(env!("CARGO_BIN_EXE_edge-agent"))
+    let out = crate::support::target_command(env!("CARGO_BIN_EXE_edge-agent"))
         .arg("run-module")
         .arg(&wasm)
         .arg("--manifest")

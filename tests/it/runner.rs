@@ -12,7 +12,7 @@ use edge_agent::runtime::runner::{self, CallKind, GuestPool, RunState, RunnerCon
 use edge_agent::runtime::{Outcome, Runtime, RuntimeConfig};
 use tokio::sync::mpsc;
 
-use crate::harness::guest;
+use crate::support::guest;
 
 /// Generous bound on any wait below; tests end as soon as the awaited event arrives.
 const PATIENCE: Duration = Duration::from_secs(120);

@@ -10,7 +10,7 @@ use edge_agent::runtime::{
     DeliverError, InstallError, ModuleInstance, Outcome, Runtime, RuntimeConfig,
 };
 
-use crate::harness::guest;
+use crate::support::guest;
 
 fn runtime() -> Runtime {
     Runtime::new(RuntimeConfig::default())

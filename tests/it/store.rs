@@ -18,7 +18,7 @@ use edge_agent::store::{
     StoredVersion,
 };
 
-use crate::harness::{key, manifest, signed, tempdir, tiny_wasm, verifier};
+use crate::support::{key, manifest, signed, tempdir, tiny_wasm, verifier};
 
 /// A small page cache, as on a Pi.
 const CACHE: u64 = 1 << 20;
@@ -1152,7 +1152,7 @@ fn events_recorded_with_a_change_survive_an_abort_right_after_it() {
         std::process::abort();
     }
     let tmp = tempdir();
-    let out = crate::harness::target_command(std::env::current_exe().unwrap())
+    let out = crate::support::target_command(std::env::current_exe().unwrap())
         .args([ABORT_TEST, "--exact", "--nocapture", "--test-threads", "1"])
         .env(ABORT_ENV, tmp.path())
         .output()
@@ -1289,7 +1289,7 @@ fn the_store_is_wholly_old_or_new_after_sigkill_at_random_moments() {
         let mut initial = Vec::new();
         ciborium::into_writer(&state, &mut initial).unwrap();
         fs::write(root.join("state"), initial).unwrap();
-        let mut child = crate::harness::target_command(std::env::current_exe().unwrap())
+        let mut child = crate::support::target_command(std::env::current_exe().unwrap())
             .args([CRASH_TEST, "--exact", "--nocapture", "--test-threads", "1"])
             .env(WORKER_ENV, root)
             .env("EDGE_AGENT_STORE_CRASH_SEED", rng.next().to_string())

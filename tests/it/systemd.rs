@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{repo, target_command, tempdir};
+use crate::support::{repo, target_command, tempdir};
 
 fn unit() -> PathBuf {
     repo().join("systemd/edge-agent.service")
@@ -125,7 +125,7 @@ fn expect_messages(sock: &UnixDatagram, want: &[&str], limit: Duration) -> Vec<S
 
 #[test]
 fn the_agent_notifies_ready_status_watchdog_and_stopping() {
-    use crate::broker::{Agent, AgentSetup, Mosquitto, Operator};
+    use crate::support::{Agent, AgentSetup, Mosquitto, Operator};
     let broker = Mosquitto::start();
     let op = Operator::new(1);
     let agent = Agent::configure(&AgentSetup::new("pi-sd", &broker.url()), &op);

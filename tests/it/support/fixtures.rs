@@ -1,6 +1,5 @@
-//! Shared helpers: deterministic keys, small Wasm modules, manifests, hand-made bundles.
-
-#![allow(dead_code)]
+//! Fixtures: deterministic keys, small Wasm modules, manifests, hand-made bundles, the guest
+//! modules as `modules/build` leaves them, and how to run this build's binaries.
 
 use coset::{CoseSign1Builder, HeaderBuilder, TaggedCborSerializable as _, iana};
 use ed25519_dalek::{Signer as _, SigningKey};
