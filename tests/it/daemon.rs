@@ -19,26 +19,6 @@ use crate::support::{
 };
 use crate::support::{guest, key, signed};
 
-/// Tick interval of every ticking module in these tests.
-const TICK_MS: u64 = 50;
-
-/// A signed install bundle: `name`'s manifest at `seq` (ticking every `TICK_MS`), carrying `wasm`.
-fn bundle_with(op: &Operator, name: &str, seq: u64, wasm: &[u8]) -> Vec<u8> {
-    let (mut m, _) = guest(name);
-    m.seq = seq;
-    m.version = format!("1.0.{seq}");
-    if m.limits.tick_interval_ms > 0 {
-        m.limits.tick_interval_ms = TICK_MS;
-    }
-    signed(m, wasm, &op.key)
-}
-
-/// A signed install bundle of `name` at `seq`, carrying the Wasm of guest `wasm_of` (usually
-/// `name` itself; another guest's to make a version that misbehaves).
-fn bundle(op: &Operator, name: &str, seq: u64, wasm_of: &str) -> Vec<u8> {
-    bundle_with(op, name, seq, &guest(wasm_of).1)
-}
-
 /// Strictly increasing: a counter that never restarted.
 fn assert_increasing(values: &[u64], what: &str) {
     assert!(
@@ -56,10 +36,7 @@ fn deploy_end_to_end(url: &str) {
     obs.status(0, "pi-1", "online", |s| s.online);
 
     let m = obs.mark();
-    let file = op.file(
-        "heartbeat.bundle",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    let file = op.file("heartbeat.bundle", &op.bundle("heartbeat", 1, "heartbeat"));
     let out = edgectl_ok(&[
         "deploy",
         "--broker",
@@ -107,7 +84,7 @@ fn an_upgrade_keeps_the_modules_key_value_state() {
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 3);
@@ -116,7 +93,7 @@ fn an_upgrade_keeps_the_modules_key_value_state() {
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 2, "kv-counter"),
+        &op.bundle("kv-counter", 2, "kv-counter"),
     );
     let installed = obs.event(m, "pi-1", EventKind::Installed, "kv-counter");
     assert_eq!(installed.seq, Some(2));
@@ -144,7 +121,7 @@ fn an_older_seq_deployed_after_a_newer_one_is_rejected_and_the_newer_keeps_runni
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 2, "kv-counter"),
+        &op.bundle("kv-counter", 2, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 2);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 2);
@@ -153,7 +130,7 @@ fn an_older_seq_deployed_after_a_newer_one_is_rejected_and_the_newer_keeps_runni
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     let rejected = obs.event(m, "pi-1", EventKind::Rejected, "kv-counter");
     let reason = rejected.reason.unwrap_or_default();
@@ -187,18 +164,14 @@ fn bad_signatures_unknown_keys_and_tampered_wasm_are_rejected_and_change_nothing
     let op = Operator::new(1);
     let obs = Observer::connect(&broker.url());
     let _agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy(
-        "pi-1",
-        "heartbeat",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    obs.deploy("pi-1", "heartbeat", &op.bundle("heartbeat", 1, "heartbeat"));
     obs.running(0, "pi-1", "heartbeat", 1);
 
-    let good = bundle(&op, "heartbeat", 2, "heartbeat");
+    let good = op.bundle("heartbeat", 2, "heartbeat");
     let untrusted = {
         let (mut m, wasm) = guest("heartbeat");
         m.seq = 2;
-        m.limits.tick_interval_ms = TICK_MS;
+        m.limits.tick_interval_ms = crate::support::operator::TICK_MS;
         signed(m, &wasm, &key(2))
     };
     let mut tampered_wasm = good.clone();
@@ -242,7 +215,7 @@ fn a_signed_removal_stops_the_module_and_its_old_bundle_cannot_come_back() {
     let op = Operator::new(1);
     let obs = Observer::connect(&url);
     let _agent = Agent::start(&AgentSetup::new("pi-1", &url), &op);
-    let install = bundle(&op, "heartbeat", 1, "heartbeat");
+    let install = op.bundle("heartbeat", 1, "heartbeat");
     obs.deploy("pi-1", "heartbeat", &install);
     obs.running(0, "pi-1", "heartbeat", 1);
     obs.counter_at_least(0, "pi-1", "heartbeat", 1);
@@ -312,10 +285,7 @@ fn a_group_deployment_reaches_every_agent_in_the_group() {
     obs.status(0, "pi-b", "online", |s| s.online);
 
     let m = obs.mark();
-    let file = op.file(
-        "heartbeat.bundle",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    let file = op.file("heartbeat.bundle", &op.bundle("heartbeat", 1, "heartbeat"));
     edgectl_ok(&[
         "deploy",
         "--broker",
@@ -342,34 +312,22 @@ fn a_device_addressed_bundle_outranks_the_groups_bundle_for_the_same_module() {
     // arrived.
     let _b = Agent::start(&AgentSetup::new("pi-b", &url).groups(&["barn"]), &op);
 
-    obs.deploy_group(
-        "barn",
-        "heartbeat",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    obs.deploy_group("barn", "heartbeat", &op.bundle("heartbeat", 1, "heartbeat"));
     obs.running(0, "pi-a", "heartbeat", 1);
     obs.running(0, "pi-b", "heartbeat", 1);
 
     // The device's own bundle takes over from the group's.
     let m = obs.mark();
-    obs.deploy(
-        "pi-a",
-        "heartbeat",
-        &bundle(&op, "heartbeat", 2, "heartbeat"),
-    );
+    obs.deploy("pi-a", "heartbeat", &op.bundle("heartbeat", 2, "heartbeat"));
     obs.running(m, "pi-a", "heartbeat", 2);
 
     // The group moves on to seq 3: pi-b takes it, pi-a keeps its own bundle.
     let m = obs.mark();
-    obs.deploy_group(
-        "barn",
-        "heartbeat",
-        &bundle(&op, "heartbeat", 3, "heartbeat"),
-    );
+    obs.deploy_group("barn", "heartbeat", &op.bundle("heartbeat", 3, "heartbeat"));
     obs.running(m, "pi-b", "heartbeat", 3);
     // A sentinel after the group's bundle: once pi-a installed it, pi-a has handled the group's
     // message before it (one connection, one ordered stream, handled in order).
-    obs.deploy("pi-a", "echo", &bundle(&op, "echo", 1, "echo"));
+    obs.deploy("pi-a", "echo", &op.bundle("echo", 1, "echo"));
     obs.event(m, "pi-a", EventKind::Installed, "echo");
     let after = obs.mark();
     let status = obs.running(after, "pi-a", "heartbeat", 2);
@@ -398,7 +356,7 @@ fn a_new_version_that_traps_in_init_is_rolled_back_and_the_old_one_runs_again() 
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 3);
@@ -408,7 +366,7 @@ fn a_new_version_that_traps_in_init_is_rolled_back_and_the_old_one_runs_again() 
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 2, "init-trapper"),
+        &op.bundle("kv-counter", 2, "init-trapper"),
     );
     let rolled_back = obs.event(m, "pi-1", EventKind::RolledBack, "kv-counter");
     assert_eq!(rolled_back.seq, Some(2));
@@ -442,7 +400,7 @@ fn after_a_broker_restart_the_agent_reconnects_and_resyncs_and_its_modules_never
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 3);
@@ -511,7 +469,7 @@ fn after_a_long_outage_with_chatty_modules_the_agent_still_subscribes_and_takes_
     });
 
     // Subscribed again: a new deployment arrives.
-    obs.deploy("pi-1", "echo", &bundle(&op, "echo", 1, "echo"));
+    obs.deploy("pi-1", "echo", &op.bundle("echo", 1, "echo"));
     obs.event(after, "pi-1", EventKind::Installed, "echo");
     for name in chatty {
         assert!(is_running(
@@ -533,7 +491,7 @@ fn an_agent_restarted_while_the_broker_is_down_runs_its_modules_from_the_store()
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 3);
@@ -620,7 +578,7 @@ fn kill_9_in_the_middle_of_installs_leaves_the_old_or_the_new_version_and_the_ag
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle_with(&op, "kv-counter", 1, wasm_for(1)),
+        &op.bundle_with("kv-counter", 1, wasm_for(1)),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     let mut durable = 0;
@@ -635,7 +593,7 @@ fn kill_9_in_the_middle_of_installs_leaves_the_old_or_the_new_version_and_the_ag
         obs.deploy(
             "pi-1",
             "kv-counter",
-            &bundle_with(&op, "kv-counter", new, wasm_for(new)),
+            &op.bundle_with("kv-counter", new, wasm_for(new)),
         );
         let before_kill = obs.mark();
         std::thread::sleep(Duration::from_millis(delay));
@@ -754,10 +712,7 @@ fn mutual_tls_lets_the_agent_in_with_its_certificate_and_refuses_a_client_withou
     obs.status(0, "pi-tls", "online", |s| s.online);
 
     let operator_cert = certs.client("operator");
-    let file = op.file(
-        "heartbeat.bundle",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    let file = op.file("heartbeat.bundle", &op.bundle("heartbeat", 1, "heartbeat"));
     let (ca, file) = (certs.ca.to_str().unwrap(), file.to_str().unwrap());
     let m = obs.mark();
     edgectl_ok(&[
@@ -820,7 +775,7 @@ fn sigterm_stops_cleanly_leaving_the_status_offline_and_the_store_consistent() {
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle(&op, "kv-counter", 1, "kv-counter"),
+        &op.bundle("kv-counter", 1, "kv-counter"),
     );
     obs.running(0, "pi-1", "kv-counter", 1);
     obs.counter_at_least(0, "pi-1", "kv-counter", 3);
@@ -874,11 +829,7 @@ fn the_last_will_marks_the_device_offline_after_sigkill() {
     let op = Operator::new(1);
     let obs = Observer::connect(&broker.url());
     let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy(
-        "pi-1",
-        "heartbeat",
-        &bundle(&op, "heartbeat", 1, "heartbeat"),
-    );
+    obs.deploy("pi-1", "heartbeat", &op.bundle("heartbeat", 1, "heartbeat"));
     obs.running(0, "pi-1", "heartbeat", 1);
 
     let m = obs.mark();
@@ -909,7 +860,7 @@ fn inbox_messages_reach_the_module_and_a_quarantined_module_comes_back_on_an_ope
     setup.probation_ticks = 0;
     let _agent = Agent::start(&setup, &op);
 
-    obs.deploy("pi-1", "echo", &bundle(&op, "echo", 1, "echo"));
+    obs.deploy("pi-1", "echo", &op.bundle("echo", 1, "echo"));
     obs.running(0, "pi-1", "echo", 1);
     let m = obs.mark();
     obs.publish("edge/pi-1/inbox/echo/greeting", b"hello", false);
@@ -925,7 +876,7 @@ fn inbox_messages_reach_the_module_and_a_quarantined_module_comes_back_on_an_ope
     assert_eq!(echoed, ("echo/greeting".to_string(), b"hello".to_vec()));
 
     let m = obs.mark();
-    obs.deploy("pi-1", "trapper", &bundle(&op, "trapper", 1, "trapper"));
+    obs.deploy("pi-1", "trapper", &op.bundle("trapper", 1, "trapper"));
     let quarantined = obs.event(m, "pi-1", EventKind::Quarantined, "trapper");
     assert!(
         quarantined
@@ -964,7 +915,7 @@ fn a_reload_trusts_a_new_key_and_evaluates_again_what_the_old_configuration_refu
     obs.deploy(
         "pi-r",
         "heartbeat",
-        &bundle(&newcomer, "heartbeat", 1, "heartbeat"),
+        &newcomer.bundle("heartbeat", 1, "heartbeat"),
     );
     let rejected = obs.event(m, "pi-r", EventKind::Rejected, "heartbeat");
     assert!(

@@ -9,11 +9,10 @@ use edge_agent::core::manifest::Manifest;
 use edge_agent::core::protocol::{EventKind, ModuleState};
 
 use crate::support::{
-    Agent, AgentSetup, Certs, Mosquitto, Observer, Operator, Seen, edgectl_ok, module_in, poll,
+    Agent, AgentSetup, Certs, Mosquitto, Observer, Operator, Rig, Seen, deploy_running, edgectl_ok,
+    module_in, poll,
 };
 use crate::support::{guest, signed};
-
-const TICK_MS: u64 = 50;
 
 fn wat_fixture(name: &str) -> Vec<u8> {
     let text = std::fs::read_to_string(
@@ -21,21 +20,6 @@ fn wat_fixture(name: &str) -> Vec<u8> {
     )
     .unwrap();
     wat::parse_str(text).unwrap()
-}
-
-/// A signed install bundle of guest `name` at `seq`, ticking every `TICK_MS`, carrying `wasm`.
-fn bundle_with(op: &Operator, name: &str, seq: u64, wasm: &[u8]) -> Vec<u8> {
-    let (mut m, _) = guest(name);
-    m.seq = seq;
-    m.version = format!("1.0.{seq}");
-    if m.limits.tick_interval_ms > 0 {
-        m.limits.tick_interval_ms = TICK_MS;
-    }
-    signed(m, wasm, &op.key)
-}
-
-fn bundle(op: &Operator, name: &str, seq: u64) -> Vec<u8> {
-    bundle_with(op, name, seq, &guest(name).1)
 }
 
 /// A signed bundle of a WAT fixture under `name` with the manifest text `manifest` (name,
@@ -60,14 +44,17 @@ fn removal(op: &Operator, name: &str, seq: u64, device: &str) -> Vec<u8> {
 
 #[test]
 fn a_removal_commits_while_the_module_is_in_a_long_call() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
     // Calls may last 60 s here: the removal must not wait for one.
-    let setup = AgentSetup::new("pi-1", &broker.url())
-        .toml("\n[runtime]\nmax_fuel_per_call = 9223372036854775807\ncall_deadline_ms = 60000\n");
-    let _agent = Agent::start(&setup, &op);
-    obs.status(0, "pi-1", "online", |s| s.online);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        agent: _agent,
+    } = Rig::with(|setup| {
+        setup.toml(
+            "\n[runtime]\nmax_fuel_per_call = 9223372036854775807\ncall_deadline_ms = 60000\n",
+        )
+    });
     obs.deploy(
         "pi-1",
         "spin",
@@ -100,12 +87,13 @@ fn a_removal_commits_while_the_module_is_in_a_long_call() {
 
 #[test]
 fn a_rollback_takes_the_failed_versions_key_value_writes_back() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let _agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy("pi-1", "kv-counter", &bundle(&op, "kv-counter", 1));
-    obs.running(0, "pi-1", "kv-counter", 1);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        agent: _agent,
+    } = Rig::start();
+    deploy_running(&obs, &op, "kv-counter", 1);
     let before = obs.counter_at_least(0, "pi-1", "kv-counter", 3);
 
     let m = obs.mark();
@@ -113,7 +101,7 @@ fn a_rollback_takes_the_failed_versions_key_value_writes_back() {
     obs.deploy(
         "pi-1",
         "kv-counter",
-        &bundle_with(&op, "kv-counter", 2, &wat_fixture("kv-poisoner")),
+        &op.bundle_with("kv-counter", 2, &wat_fixture("kv-poisoner")),
     );
     let rolled = obs.event(m, "pi-1", EventKind::RolledBack, "kv-counter");
     assert_eq!(rolled.seq, Some(2));
@@ -130,12 +118,13 @@ fn a_rollback_takes_the_failed_versions_key_value_writes_back() {
 
 #[test]
 fn no_counter_value_published_before_a_kill_9_is_lost() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy("pi-1", "kv-counter", &bundle(&op, "kv-counter", 1));
-    obs.running(0, "pi-1", "kv-counter", 1);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        mut agent,
+    } = Rig::start();
+    deploy_running(&obs, &op, "kv-counter", 1);
     for round in 0..8 {
         let m = obs.mark();
         // Let it count a little, kill it at a moment unrelated to its ticks, start it again.
@@ -166,15 +155,21 @@ fn no_counter_value_published_before_a_kill_9_is_lost() {
 
 #[test]
 fn a_deployment_is_reported_for_every_version_even_when_versions_come_back_to_back() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let _agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        agent: _agent,
+    } = Rig::start();
     obs.status(0, "pi-1", "online", |s| s.online);
     let m = obs.mark();
     let last = 30;
     for seq in 1..=last {
-        obs.deploy("pi-1", "heartbeat", &bundle(&op, "heartbeat", seq));
+        obs.deploy(
+            "pi-1",
+            "heartbeat",
+            &op.bundle("heartbeat", seq, "heartbeat"),
+        );
     }
     obs.running(m, "pi-1", "heartbeat", last);
     // Each version has its verdict: installed, superseded (or rejected, if a later one was
@@ -208,18 +203,19 @@ fn a_deployment_is_reported_for_every_version_even_when_versions_come_back_to_ba
 
 #[test]
 fn the_rollback_event_reaches_the_broker_although_the_agent_was_killed_right_after_it() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy("pi-1", "heartbeat", &bundle(&op, "heartbeat", 1));
-    obs.running(0, "pi-1", "heartbeat", 1);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        mut agent,
+    } = Rig::start();
+    deploy_running(&obs, &op, "heartbeat", 1);
     for seq in 2..6u64 {
         let m = obs.mark();
         obs.deploy(
             "pi-1",
             "heartbeat",
-            &bundle_with(&op, "heartbeat", seq, &guest("init-trapper").1),
+            &op.bundle_with("heartbeat", seq, &guest("init-trapper").1),
         );
         // Killed as soon as the agent logs the rollback (its event may not have left).
         poll(
@@ -254,13 +250,16 @@ fn the_rollback_event_reaches_the_broker_although_the_agent_was_killed_right_aft
 
 #[test]
 fn an_operator_restart_after_a_reboot_runs_a_failed_module_again_on_probation() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let setup = AgentSetup::new("pi-1", &broker.url())
-        .toml("\n[restart]\nbackoff_initial_ms = 10\nbackoff_max_ms = 20\nquarantine_after = 2\n");
-    let mut agent = Agent::start(&setup, &op);
-    obs.status(0, "pi-1", "online", |s| s.online);
+    let Rig {
+        broker,
+        op,
+        obs,
+        mut agent,
+    } = Rig::with(|setup| {
+        setup.toml(
+            "\n[restart]\nbackoff_initial_ms = 10\nbackoff_max_ms = 20\nquarantine_after = 2\n",
+        )
+    });
     // A first version that runs out of fuel on its first tick: no previous version, failed.
     let m = obs.mark();
     obs.deploy(
@@ -307,12 +306,13 @@ fn an_operator_restart_after_a_reboot_runs_a_failed_module_again_on_probation() 
 
 #[test]
 fn the_offline_status_at_shutdown_is_current() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy("pi-1", "heartbeat", &bundle(&op, "heartbeat", 1));
-    obs.running(0, "pi-1", "heartbeat", 1);
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        mut agent,
+    } = Rig::start();
+    deploy_running(&obs, &op, "heartbeat", 1);
     let online = obs.status(0, "pi-1", "a report with calls", |s| {
         s.online && module_in(s, "heartbeat").is_some_and(|m| m.calls >= 3)
     });
@@ -327,12 +327,13 @@ fn the_offline_status_at_shutdown_is_current() {
 
 #[test]
 fn the_last_will_names_the_run_it_ends_and_its_modules() {
-    let broker = Mosquitto::start();
-    let op = Operator::new(1);
-    let obs = Observer::connect(&broker.url());
-    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
-    obs.deploy("pi-1", "heartbeat", &bundle(&op, "heartbeat", 1));
-    obs.running(0, "pi-1", "heartbeat", 1);
+    let Rig {
+        broker,
+        op,
+        obs,
+        mut agent,
+    } = Rig::start();
+    deploy_running(&obs, &op, "heartbeat", 1);
     // A reconnect registers the will with the modules as they are then.
     let mut broker = broker;
     broker.kill();

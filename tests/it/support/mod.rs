@@ -32,6 +32,52 @@ pub use operator::Operator;
 pub use ports::{free_port, listening};
 pub use rumqttd::start_rumqttd;
 
+/// The usual cast of a daemon test: a private broker, an operator, an observer, and the agent
+/// "pi-1" trusting the operator (with the setup a test asks for).
+pub struct Rig {
+    /// The observer (first: it goes before the broker it is connected to).
+    pub obs: Observer,
+    /// The agent.
+    pub agent: Agent,
+    /// The operator.
+    pub op: Operator,
+    /// The broker.
+    pub broker: Mosquitto,
+}
+
+impl Rig {
+    /// pi-1 with the default setup, online.
+    pub fn start() -> Rig {
+        Rig::with(|setup| setup)
+    }
+
+    /// pi-1 configured by `setup`, online.
+    pub fn with(setup: impl FnOnce(AgentSetup) -> AgentSetup) -> Rig {
+        let broker = Mosquitto::start();
+        let op = Operator::new(1);
+        let obs = Observer::connect(&broker.url());
+        let agent = Agent::start(&setup(AgentSetup::new("pi-1", &broker.url())), &op);
+        obs.status(0, "pi-1", "online", |s| s.online);
+        Rig {
+            obs,
+            agent,
+            op,
+            broker,
+        }
+    }
+
+    /// Deploys guest `name` at `seq` to pi-1 and waits until it runs off probation.
+    pub fn deploy_running(&self, name: &str, seq: u64) {
+        deploy_running(&self.obs, &self.op, name, seq);
+    }
+}
+
+/// Deploys guest `name` at `seq` to pi-1 and waits until it runs off probation.
+pub fn deploy_running(obs: &Observer, op: &Operator, name: &str, seq: u64) {
+    obs.deploy("pi-1", name, &op.bundle(name, seq, name));
+    obs.running(0, "pi-1", name, seq);
+}
+
 /// How long a broker or an agent may take to start or stop.
 pub const START: Duration = Duration::from_secs(20);
 

@@ -19,7 +19,7 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// The deterministic test key `harness::key(seed)`, written out.
+    /// The deterministic test key `support::key(seed)`, written out.
     pub fn new(seed: u8) -> Operator {
         let dir = tempdir();
         let key = key(seed);
@@ -41,4 +41,26 @@ impl Operator {
         fs::write(&path, bytes).unwrap();
         path
     }
+
+    /// A signed install bundle: guest `name`'s manifest at `seq` (ticking every [`TICK_MS`]),
+    /// carrying `wasm`.
+    pub fn bundle_with(&self, name: &str, seq: u64, wasm: &[u8]) -> Vec<u8> {
+        let (mut m, _) = guest(name);
+        m.seq = seq;
+        m.version = format!("1.0.{seq}");
+        if m.limits.tick_interval_ms > 0 {
+            m.limits.tick_interval_ms = TICK_MS;
+        }
+        signed(m, wasm, &self.key)
+    }
+
+    /// A signed install bundle of guest `name` at `seq`, carrying the Wasm of guest `wasm_of`
+    /// (usually `name` itself; another guest's to make a version that misbehaves).
+    pub fn bundle(&self, name: &str, seq: u64, wasm_of: &str) -> Vec<u8> {
+        self.bundle_with(name, seq, &guest(wasm_of).1)
+    }
 }
+
+/// Tick interval of every ticking module the daemon tests deploy: a handful of ticks takes a
+/// fraction of a second.
+pub const TICK_MS: u64 = 50;

@@ -202,6 +202,45 @@ fn deploy(s: &mut State, m: &Manifest, now: Now) -> Vec<Effect> {
     )
 }
 
+/// `edgectl restart` of a stopped module: the ticket of the compile it asks for.
+fn operator_restart(s: &mut State, module: &str, now: Now) -> u64 {
+    let fx = s.handle(
+        Input::Message {
+            topic: format!("edge/pi-1/control/restart/{module}"),
+            payload: vec![],
+        },
+        now,
+    );
+    fx.iter()
+        .find_map(|e| match e {
+            Effect::Prepare { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .expect("a stopped module is compiled again")
+}
+
+/// A tick of runner `id` of `module` that published `payload` on `topic`.
+fn published(id: u64, module: &str, topic: &str, payload: Vec<u8>) -> Input {
+    Input::Runner(RunnerEvent::Called {
+        id,
+        module: module.into(),
+        call: CallKind::Tick,
+        report: Box::new(CallReport {
+            outcome: Outcome::Finished,
+            fuel_used: 1,
+            logs: vec![],
+            messages: vec![crate::runtime::host::OutMessage {
+                topic: topic.into(),
+                payload,
+            }],
+            refusals: vec![],
+            refusal_summary: None,
+            kv_writes: 0,
+        }),
+        stats: InstanceStats::default(),
+    })
+}
+
 fn running(s: &State, module: &str) -> Option<u64> {
     s.slots.get(module).and_then(Slot::runner)
 }
@@ -283,27 +322,7 @@ fn a_removal_is_committed_before_the_runner_stops_and_its_lines_are_released_aft
         "it may still drive its line until its call ends"
     );
     // Output of the removed module that arrives now is not published.
-    let fx = s.handle(
-        Input::Runner(RunnerEvent::Called {
-            id: runner,
-            module: "m".into(),
-            call: CallKind::Tick,
-            report: Box::new(CallReport {
-                outcome: Outcome::Finished,
-                fuel_used: 1,
-                logs: vec![],
-                messages: vec![crate::runtime::host::OutMessage {
-                    topic: "x".into(),
-                    payload: b"late".to_vec(),
-                }],
-                refusals: vec![],
-                refusal_summary: None,
-                kv_writes: 0,
-            }),
-            stats: InstanceStats::default(),
-        }),
-        at(2),
-    );
+    let fx = s.handle(published(runner, "m", "x", b"late".to_vec()), at(2));
     assert!(
         !fx.iter()
             .any(|e| matches!(e, Effect::Publish { topic, .. } if topic.contains("telemetry")))
@@ -387,20 +406,8 @@ fn restarting_a_module_that_failed_its_probation_runs_it_on_probation_again_with
     };
     let (mut s, fx) = booted(vec![record("m", 1, failed, None)]);
     assert!(spawned(&fx).is_empty());
-    let fx = s.handle(
-        Input::Message {
-            topic: "edge/pi-1/control/restart/m".into(),
-            payload: vec![],
-        },
-        at(1),
-    );
-    let ticket = fx
-        .iter()
-        .find_map(|e| match e {
-            Effect::Prepare { ticket, .. } => Some(*ticket),
-            _ => None,
-        })
-        .expect("compiled again, since it never ran in this agent");
+    // Compiled again, since it never ran in this agent.
+    let ticket = operator_restart(&mut s, "m", at(1));
     let fx = s.handle(
         Input::Prepared {
             ticket,
@@ -430,20 +437,7 @@ fn restarting_a_module_that_cannot_be_compiled_keeps_its_error_and_says_so() {
         cause: "5 failures".into(),
     };
     let (mut s, _) = booted(vec![record("m", 1, quarantined, None)]);
-    let fx = s.handle(
-        Input::Message {
-            topic: "edge/pi-1/control/restart/m".into(),
-            payload: vec![],
-        },
-        at(1),
-    );
-    let ticket = fx
-        .iter()
-        .find_map(|e| match e {
-            Effect::Prepare { ticket, .. } => Some(*ticket),
-            _ => None,
-        })
-        .unwrap();
+    let ticket = operator_restart(&mut s, "m", at(1));
     let fx = s.handle(
         Input::Prepared {
             ticket,
@@ -564,26 +558,7 @@ fn while_the_broker_is_away_the_newest_telemetry_is_kept_and_the_oldest_dropped(
     let (mut s, _) = booted(vec![record("m", 1, InstallState::Active, None)]);
     let runner = running(&s, "m").unwrap();
     s.handle(Input::Disconnected("gone".into()), at(1));
-    let tick = |n: u64| {
-        Input::Runner(RunnerEvent::Called {
-            id: runner,
-            module: "m".into(),
-            call: CallKind::Tick,
-            report: Box::new(CallReport {
-                outcome: Outcome::Finished,
-                fuel_used: 1,
-                logs: vec![],
-                messages: vec![crate::runtime::host::OutMessage {
-                    topic: "n".into(),
-                    payload: n.to_string().into_bytes(),
-                }],
-                refusals: vec![],
-                refusal_summary: None,
-                kv_writes: 0,
-            }),
-            stats: InstanceStats::default(),
-        })
-    };
+    let tick = |n: u64| published(runner, "m", "n", n.to_string().into_bytes());
     // Ten minutes of one message a second, more than the queue keeps.
     for n in 0..600 {
         let fx = s.handle(tick(n), at(2 + n));
