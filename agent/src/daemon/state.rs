@@ -1159,8 +1159,8 @@ impl State {
                 slot.record = *record;
                 slot.last_error = None;
                 slot.prepared = Some(prepared.clone());
-                match old {
-                    Some(old) => {
+                match (old, &slot.phase) {
+                    (Some(old), _) => {
                         // Committed; now the old runner goes, and the new one starts when it
                         // has ended (the key-value store and the lines are then free).
                         slot.phase = Phase::Waiting {
@@ -1171,7 +1171,19 @@ impl State {
                         fx.push(Effect::Stop { runner: old });
                         self.retiring.insert(old, Then::Start(module.clone()));
                     }
-                    None => self.start(&module, prepared, true, fx),
+                    // A version that had not started yet (waiting for the runner before it, or
+                    // for its snapshot) gives way to this one, which starts in its place.
+                    (None, Phase::Waiting { old, .. }) => {
+                        slot.phase = Phase::Waiting {
+                            old: *old,
+                            prepared,
+                            probation: true,
+                        };
+                    }
+                    (None, Phase::Snapshotting { .. }) => {
+                        slot.phase = Phase::Snapshotting { prepared };
+                    }
+                    (None, _) => self.start(&module, prepared, true, fx),
                 }
                 self.status_dirty = true;
                 self.act(next, now, fx);
@@ -1654,6 +1666,25 @@ impl State {
                         state: InstallState::Quarantined { cause: reason },
                         events: vec![e],
                     },
+                    fx,
+                );
+            }
+            RunState::Failed { cause }
+                if matches!(
+                    slot.phase,
+                    Phase::Running {
+                        probation: true,
+                        ..
+                    }
+                ) =>
+            {
+                // A version on probation that cannot even be instantiated failed its probation.
+                self.runner_state(
+                    id,
+                    module,
+                    RunState::ProbationFailed { cause },
+                    restarts,
+                    now,
                     fx,
                 );
             }

@@ -676,3 +676,52 @@ fn the_last_will_follows_the_status() {
     assert_eq!(later.started_ms, at(0).wall_ms);
     assert_eq!(later.modules.len(), 1);
 }
+
+#[test]
+fn a_version_that_has_not_started_yet_gives_way_to_a_newer_one_and_never_runs_beside_its_predecessor()
+ {
+    let (mut s, _) = booted(vec![record("m", 1, InstallState::Active, None)]);
+    let old = running(&s, "m").unwrap();
+    // v2 is committed and waits for v1's runner, stuck in a call.
+    let fx = deploy(&mut s, &manifest("m", 2, &[17]), at(1));
+    let (ticket, _) = store_op(&fx, |op| matches!(op, StoreOp::Install { .. })).unwrap();
+    let mut r = record("m", 2, InstallState::Probation, Some(1));
+    r.current.manifest = manifest("m", 2, &[17]);
+    let fx = s.handle(stored(ticket, Stored::Record(Box::new(r))), at(1));
+    assert_eq!(stopped(&fx), [old]);
+    // v3 arrives meanwhile: committed, and it takes v2's place in the queue.
+    let fx = deploy(&mut s, &manifest("m", 3, &[17]), at(2));
+    let (ticket, _) = store_op(&fx, |op| matches!(op, StoreOp::Install { .. })).unwrap();
+    let mut r = record("m", 3, InstallState::Probation, Some(1));
+    r.current.manifest = manifest("m", 3, &[17]);
+    let fx = s.handle(stored(ticket, Stored::Record(Box::new(r))), at(2));
+    assert!(
+        spawned(&fx).is_empty(),
+        "nothing starts while v1's runner lives"
+    );
+    assert!(store_op(&fx, |op| matches!(op, StoreOp::BeginProbation { .. })).is_none());
+    // v1 ends: v3 (and only v3) starts, after its snapshot.
+    let fx = s.handle(runner_state(old, "m", RunState::Stopped), at(3));
+    let (ticket, op) = store_op(&fx, |op| matches!(op, StoreOp::BeginProbation { .. })).unwrap();
+    assert!(matches!(op, StoreOp::BeginProbation { seq: 3 }));
+    let fx = s.handle(stored(ticket, Stored::Done), at(3));
+    assert_eq!(spawned(&fx).len(), 1);
+}
+
+#[test]
+fn a_version_on_probation_that_cannot_be_instantiated_is_rolled_back() {
+    let (mut s, _) = booted(vec![record("m", 2, InstallState::Probation, Some(1))]);
+    let runner = running(&s, "m").unwrap();
+    let fx = s.handle(
+        runner_state(
+            runner,
+            "m",
+            RunState::Failed {
+                cause: "instantiation failed".into(),
+            },
+        ),
+        at(1),
+    );
+    let (_, op) = store_op(&fx, |op| matches!(op, StoreOp::Rollback { .. })).unwrap();
+    assert_eq!(events_in(&op), [EventKind::RolledBack]);
+}
