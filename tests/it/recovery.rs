@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use edge_agent::core::manifest::Manifest;
 use edge_agent::core::protocol::{EventKind, ModuleState};
 
+use crate::support::signed;
 use crate::support::{
     Agent, AgentSetup, Certs, Mosquitto, Observer, Operator, Rig, Seen, deploy_running, edgectl_ok,
     module_in, poll,
 };
-use crate::support::{guest, signed};
 
 fn wat_fixture(name: &str) -> Vec<u8> {
     let text = std::fs::read_to_string(
@@ -62,14 +62,17 @@ fn a_removal_commits_while_the_module_is_in_a_long_call() {
             &op,
             "spin",
             1,
-            "spin",
-            "[limits]\nfuel_per_call = 1000000000000\ntick_interval_ms = 50\n",
+            "started-then-spin",
+            "[limits]\nfuel_per_call = 1000000000000\ntick_interval_ms = 50\n\
+             [caps]\npublish = [\"started\"]\n",
         ),
     );
-    // Its first tick never returns within the test.
-    obs.status(0, "pi-1", "spin in its first tick", |s| {
-        module_in(s, "spin").is_some_and(|m| m.calls >= 1)
+    // Its init has run (it said so); its first tick, 50 ms later, never returns in this test.
+    obs.wait(0, "spin started", |s| match s {
+        Seen::Telemetry { module, .. } if module == "spin" => Some(()),
+        _ => None,
     });
+    std::thread::sleep(Duration::from_millis(300));
     let m = obs.mark();
     let started = Instant::now();
     obs.deploy("pi-1", "spin", &removal(&op, "spin", 2, "pi-1"));
@@ -204,48 +207,51 @@ fn a_deployment_is_reported_for_every_version_even_when_versions_come_back_to_ba
 #[test]
 fn the_rollback_event_reaches_the_broker_although_the_agent_was_killed_right_after_it() {
     let Rig {
-        broker: _broker,
+        mut broker,
         op,
         obs,
         mut agent,
     } = Rig::start();
     deploy_running(&obs, &op, "heartbeat", 1);
-    for seq in 2..6u64 {
-        let m = obs.mark();
-        obs.deploy(
-            "pi-1",
+    let connacks = obs.connacks();
+    let m = obs.mark();
+    // v2 passes its first tick (one second in) and traps on its second.
+    obs.deploy(
+        "pi-1",
+        "heartbeat",
+        &fixture_bundle(
+            &op,
             "heartbeat",
-            &op.bundle_with("heartbeat", seq, &guest("init-trapper").1),
-        );
-        // Killed as soon as the agent logs the rollback (its event may not have left).
-        poll(
-            Duration::from_secs(20),
-            "the rollback in the agent's log",
-            || {
-                agent
-                    .log_of_this_run()
-                    .contains("rolled_back heartbeat")
-                    .then_some(())
-            },
-        );
-        agent.kill9();
-        agent.start_again();
-        // Delivered at least once: an earlier round's event may come again; this one comes.
-        obs.wait(
-            m,
-            &format!("the rolled_back event of seq {seq}"),
-            |s| match s {
-                Seen::Event { device, event }
-                    if device == "pi-1"
-                        && event.kind == EventKind::RolledBack
-                        && event.seq == Some(seq) =>
-                {
-                    Some(())
-                }
-                _ => None,
-            },
-        );
-    }
+            2,
+            "traps-on-second-tick",
+            "[limits]\ntick_interval_ms = 1000\n",
+        ),
+    );
+    poll(Duration::from_secs(20), "seq 2 stored", || {
+        agent
+            .log_of_this_run()
+            .contains("heartbeat: seq 2 stored")
+            .then_some(())
+    });
+    // The broker goes; the rollback happens while the agent cannot publish; then the agent is
+    // killed before it ever could.
+    broker.kill();
+    poll(
+        Duration::from_secs(20),
+        "the rollback in the agent's log",
+        || {
+            agent
+                .log_of_this_run()
+                .contains("rolled_back heartbeat")
+                .then_some(())
+        },
+    );
+    agent.kill9();
+    broker.start_again();
+    obs.wait_subscribed(connacks);
+    agent.start_again();
+    let e = obs.event(m, "pi-1", EventKind::RolledBack, "heartbeat");
+    assert_eq!(e.seq, Some(2));
 }
 
 #[test]
