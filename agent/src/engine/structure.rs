@@ -259,7 +259,7 @@ pub fn scan(wasm: &[u8], limits: &WasmLimits) -> Result<Shape, StructureError> {
                 }
             }
             Payload::TableSection(reader) => {
-                tables += reader.count();
+                tables = tables.saturating_add(reader.count());
                 if tables > 1 {
                     return Err(StructureError::Refused(format!(
                         "it defines {tables} tables; a module may have one"
@@ -278,7 +278,7 @@ pub fn scan(wasm: &[u8], limits: &WasmLimits) -> Result<Shape, StructureError> {
                 }
             }
             Payload::MemorySection(reader) => {
-                memories += reader.count();
+                memories = memories.saturating_add(reader.count());
                 if memories > 1 {
                     return Err(StructureError::Refused(format!(
                         "it defines {memories} memories; a module may have one"
@@ -425,6 +425,15 @@ pub fn scan(wasm: &[u8], limits: &WasmLimits) -> Result<Shape, StructureError> {
                 let mut labels: Vec<u32> = vec![results];
                 let mut ops = body.get_operators_reader().map_err(malformed)?;
                 while !ops.eof() {
+                    // wasmparser's operator visitor does not check this itself (its own loop
+                    // does), and wasmi's translator asserts it: refuse before either sees it.
+                    if labels.is_empty() {
+                        return Err(StructureError::Malformed(format!(
+                            "function body {}: operators after its end (offset {})",
+                            bodies - 1,
+                            ops.original_position()
+                        )));
+                    }
                     let moved = match ops.read().map_err(malformed)? {
                         Operator::Block { blockty } | Operator::If { blockty } => {
                             labels.push(arity(blockty, &type_results));
@@ -556,6 +565,49 @@ mod tests {
 
     fn scan_wat(wat: &str) -> Result<Shape, StructureError> {
         scan(&wasm(wat), &WasmLimits::default())
+    }
+
+    /// The Wasm header followed by raw section bytes.
+    fn raw(sections: &[u8]) -> Vec<u8> {
+        let mut bytes = crate::engine::WASM_HEADER.to_vec();
+        bytes.extend_from_slice(sections);
+        bytes
+    }
+
+    #[test]
+    fn operators_after_the_end_of_a_body_are_refused_before_translation() {
+        // (func (param i32) end local.get 0 end): found by the check_wasm fuzzer; wasmparser's
+        // visitor lets the local.get through and wasmi's translator asserts on it.
+        let bytes = raw(&[
+            0x01, 0x05, 0x01, 0x60, 0x01, 0x7f, 0x00, // type (func (param i32))
+            0x03, 0x02, 0x01, 0x00, // one function of type 0
+            0x0a, 0x07, 0x01, 0x05, 0x00, 0x0b, 0x20, 0x00, 0x0b, // its body
+        ]);
+        let err = scan(&bytes, &WasmLimits::default()).unwrap_err();
+        assert!(
+            matches!(&err, StructureError::Malformed(m) if m.contains("after its end")),
+            "{err:?}"
+        );
+        assert!(crate::engine::check(&bytes, &WasmLimits::default()).is_err());
+    }
+
+    #[test]
+    fn a_second_table_or_memory_section_of_any_count_is_refused() {
+        for id in [0x04u8, 0x05] {
+            let first: &[u8] = if id == 0x04 {
+                &[0x04, 0x04, 0x01, 0x70, 0x00, 0x00] // one table of 0 funcref
+            } else {
+                &[0x05, 0x03, 0x01, 0x00, 0x00] // one memory of 0 pages
+            };
+            let mut sections = first.to_vec();
+            // A second section claiming u32::MAX entries, with none present.
+            sections.extend_from_slice(&[id, 0x05, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+            let err = scan(&raw(&sections), &WasmLimits::default()).unwrap_err();
+            assert!(
+                matches!(&err, StructureError::Refused(m) if m.contains("4294967295")),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
