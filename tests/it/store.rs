@@ -363,25 +363,17 @@ fn a_restart_during_probation_keeps_the_snapshot_taken_before_the_new_version_wr
         let store = Store::open(tmp.path(), CACHE).unwrap();
         install(&store, &k, "demo", 1, &wasm(1, 10));
         store.confirm("demo", 1, &[]).unwrap();
-        store
-            .kv("demo", 4096)
-            .unwrap()
-            .set(b"count", b"41")
-            .unwrap();
+        kv_set(&store, b"count", b"41");
         install(&store, &k, "demo", 2, &wasm(2, 10));
         store.begin_probation("demo", 2).unwrap();
-        store
-            .kv("demo", 4096)
-            .unwrap()
-            .set(b"count", b"xyz")
-            .unwrap();
+        kv_set(&store, b"count", b"xyz");
         store.flush().unwrap();
     }
     // The agent starts again with v2 still on probation and puts it on probation again.
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, Some(2));
     store.begin_probation("demo", 2).unwrap();
-    store.kv("demo", 4096).unwrap().set(b"more", b"v2").unwrap();
+    kv_set(&store, b"more", b"v2");
     store.rollback("demo", "trapped", &[]).unwrap();
     let kv = store.kv("demo", 4096).unwrap();
     assert_eq!(kv.get(b"count").unwrap().unwrap(), b"41");
@@ -404,39 +396,23 @@ fn begin_probation_takes_a_snapshot_only_for_the_current_version_on_probation_wi
     // Active, not on probation.
     store.begin_probation("demo", 1).unwrap();
     assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, None);
-    store.kv("demo", 4096).unwrap().set(b"count", b"1").unwrap();
+    kv_set(&store, b"count", b"1");
     install(&store, &k, "demo", 2, &wasm(2, 10));
     // Not the current version.
     store.begin_probation("demo", 1).unwrap();
     store.begin_probation("demo", 3).unwrap();
     assert_eq!(store.module("demo").unwrap().unwrap().kv_snapshot, None);
     store.begin_probation("demo", 2).unwrap();
-    store.kv("demo", 4096).unwrap().set(b"count", b"2").unwrap();
+    kv_set(&store, b"count", b"2");
     // Probation passed: the snapshot is dropped and v2's data stays.
     let (rec, _) = store.confirm("demo", 2, &[]).unwrap();
     assert_eq!(rec.kv_snapshot, None);
-    assert_eq!(
-        store
-            .kv("demo", 4096)
-            .unwrap()
-            .get(b"count")
-            .unwrap()
-            .unwrap(),
-        b"2"
-    );
+    assert_eq!(kv_get(&store, b"count"), b"2");
     // A rollback from a state no snapshot belongs to leaves the data as it is.
     install(&store, &k, "demo", 3, &wasm(3, 10));
-    store.kv("demo", 4096).unwrap().set(b"count", b"3").unwrap();
+    kv_set(&store, b"count", b"3");
     store.rollback("demo", "trapped", &[]).unwrap();
-    assert_eq!(
-        store
-            .kv("demo", 4096)
-            .unwrap()
-            .get(b"count")
-            .unwrap()
-            .unwrap(),
-        b"3"
-    );
+    assert_eq!(kv_get(&store, b"count"), b"3");
     drop(store);
     assert!(
         tree_names(tmp.path())
@@ -454,39 +430,19 @@ fn an_upgrade_over_a_version_still_on_probation_keeps_the_snapshot_of_the_last_p
     let k = key(1);
     install(&store, &k, "demo", 1, &wasm(1, 10));
     store.confirm("demo", 1, &[]).unwrap();
-    store
-        .kv("demo", 4096)
-        .unwrap()
-        .set(b"count", b"41")
-        .unwrap();
+    kv_set(&store, b"count", b"41");
     install(&store, &k, "demo", 2, &wasm(2, 10));
     store.begin_probation("demo", 2).unwrap();
-    store
-        .kv("demo", 4096)
-        .unwrap()
-        .set(b"count", b"xyz")
-        .unwrap();
+    kv_set(&store, b"count", b"xyz");
     // v3 arrives while v2 is on probation: v1 stays the rollback target, with v1's data.
     let rec = install(&store, &k, "demo", 3, &wasm(3, 10));
     assert_eq!(rec.previous.unwrap().manifest.seq, 1);
     assert_eq!(rec.kv_snapshot, Some(3));
     store.begin_probation("demo", 3).unwrap();
-    store
-        .kv("demo", 4096)
-        .unwrap()
-        .set(b"count", b"v3")
-        .unwrap();
+    kv_set(&store, b"count", b"v3");
     let (restored, _) = store.rollback("demo", "trapped", &[]).unwrap();
     assert_eq!(restored.unwrap().current.manifest.seq, 1);
-    assert_eq!(
-        store
-            .kv("demo", 4096)
-            .unwrap()
-            .get(b"count")
-            .unwrap()
-            .unwrap(),
-        b"41"
-    );
+    assert_eq!(kv_get(&store, b"count"), b"41");
 }
 
 #[test]
@@ -2141,4 +2097,14 @@ fn failed_flush(mnt: &Path) {
     let next = seqs[0].1.highest_seq + 1;
     install(&store, &k, "demo", next, &wasm(2, 1000));
     store.flush().unwrap();
+}
+
+/// Sets `key` in module demo's key-value store (quota 4 KiB).
+fn kv_set(store: &Store, key: &[u8], value: &[u8]) {
+    store.kv("demo", 4096).unwrap().set(key, value).unwrap();
+}
+
+/// The value of `key` in module demo's key-value store; it must be there.
+fn kv_get(store: &Store, key: &[u8]) -> Vec<u8> {
+    store.kv("demo", 4096).unwrap().get(key).unwrap().unwrap()
 }
