@@ -331,22 +331,22 @@ fn a_removal_is_committed_before_the_runner_stops_and_its_lines_are_released_aft
     assert_eq!(released(&fx), ["m"]);
 }
 
-#[test]
-fn a_failed_probation_rolls_back_in_the_store_and_starts_the_previous_version() {
+/// Module m, v2 on probation over v1, whose runner reports `end`: the state and the ticket of
+/// the rollback it asks the store for (with its `rolled_back` event).
+fn probation_ended_by(end: RunState) -> (State, u64) {
     let (mut s, _) = booted(vec![record("m", 2, InstallState::Probation, Some(1))]);
     let runner = running(&s, "m").unwrap();
-    let fx = s.handle(
-        runner_state(
-            runner,
-            "m",
-            RunState::ProbationFailed {
-                cause: "tick: trapped".into(),
-            },
-        ),
-        at(1),
-    );
+    let fx = s.handle(runner_state(runner, "m", end), at(1));
     let (ticket, op) = store_op(&fx, |op| matches!(op, StoreOp::Rollback { .. })).unwrap();
     assert_eq!(events_in(&op), [EventKind::RolledBack]);
+    (s, ticket)
+}
+
+#[test]
+fn a_failed_probation_rolls_back_in_the_store_and_starts_the_previous_version() {
+    let (mut s, ticket) = probation_ended_by(RunState::ProbationFailed {
+        cause: "tick: trapped".into(),
+    });
     let restored = record("m", 1, InstallState::Active, None);
     let fx = s.handle(
         stored(ticket, Stored::RolledBack(Some(Box::new(restored)))),
@@ -710,18 +710,7 @@ fn a_version_that_has_not_started_yet_gives_way_to_a_newer_one_and_never_runs_be
 
 #[test]
 fn a_version_on_probation_that_cannot_be_instantiated_is_rolled_back() {
-    let (mut s, _) = booted(vec![record("m", 2, InstallState::Probation, Some(1))]);
-    let runner = running(&s, "m").unwrap();
-    let fx = s.handle(
-        runner_state(
-            runner,
-            "m",
-            RunState::Failed {
-                cause: "instantiation failed".into(),
-            },
-        ),
-        at(1),
-    );
-    let (_, op) = store_op(&fx, |op| matches!(op, StoreOp::Rollback { .. })).unwrap();
-    assert_eq!(events_in(&op), [EventKind::RolledBack]);
+    probation_ended_by(RunState::Failed {
+        cause: "instantiation failed".into(),
+    });
 }
