@@ -59,62 +59,58 @@ impl Mosquitto {
         let dir = tempdir();
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
-        if let (true, Some(c)) = (fleet, &tls) {
-            // The shipped configuration, line by line, with this test's files and port.
-            let acl = dir.path().join("fleet.acl");
-            fs::copy(repo().join("configs/mosquitto-fleet.acl"), &acl).unwrap();
-            let shipped = fs::read_to_string(repo().join("configs/mosquitto-fleet.conf")).unwrap();
-            let mut text = String::new();
-            for line in shipped.lines() {
-                let key = line.split_whitespace().next().unwrap_or("");
-                let line = match key {
-                    "listener" => format!("listener {port} 127.0.0.1"),
-                    "cafile" => format!("cafile {}", c.ca.display()),
-                    "certfile" => format!("certfile {}", c.server_cert.display()),
-                    "keyfile" => format!("keyfile {}", c.server_key.display()),
-                    "acl_file" => format!("acl_file {}", acl.display()),
-                    "persistence" => "persistence false".into(),
-                    "persistence_location" => continue,
-                    _ => line.to_string(),
-                };
-                text.push_str(&line);
-                text.push('\n');
+        let mut text = match (fleet, &tls) {
+            (true, Some(c)) => {
+                // The shipped configuration, line by line, with this test's files and port.
+                let acl = dir.path().join("fleet.acl");
+                fs::copy(repo().join("configs/mosquitto-fleet.acl"), &acl).unwrap();
+                let shipped =
+                    fs::read_to_string(repo().join("configs/mosquitto-fleet.conf")).unwrap();
+                let mut text = String::new();
+                for line in shipped.lines() {
+                    let key = line.split_whitespace().next().unwrap_or("");
+                    let line = match key {
+                        "listener" => format!("listener {port} 127.0.0.1"),
+                        "cafile" => format!("cafile {}", c.ca.display()),
+                        "certfile" => format!("certfile {}", c.server_cert.display()),
+                        "keyfile" => format!("keyfile {}", c.server_key.display()),
+                        "acl_file" => format!("acl_file {}", acl.display()),
+                        "persistence" => "persistence false".into(),
+                        "persistence_location" => continue,
+                        _ => line.to_string(),
+                    };
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                text
             }
-            text.push_str(
-                "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
-                 log_type information\nconnection_messages true\nuser root\n",
-            );
-            fs::write(&conf, text).unwrap();
-            return Mosquitto {
-                port,
-                _dir: dir,
-                conf,
-                log,
-                child: None,
-                tls,
-            };
-        }
-        let mut text = format!(
-            "# mosquitto 2.0.11 ignores -p together with -c: the port is here.\n\
-             listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
-             set_tcp_nodelay true\n\
-             persistence false\n\
-             log_dest stderr\n\
+            _ => {
+                let mut text = format!(
+                    "# mosquitto 2.0.11 ignores -p together with -c: the port is here.\n\
+                     listener {port} 127.0.0.1\n\
+                     allow_anonymous true\n\
+                     set_tcp_nodelay true\n\
+                     persistence false\n"
+                );
+                if let Some(c) = &tls {
+                    text.push_str(&format!(
+                        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
+                        c.ca.display(),
+                        c.server_cert.display(),
+                        c.server_key.display()
+                    ));
+                }
+                text
+            }
+        };
+        text.push_str(
+            "log_dest stderr\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
              connection_messages true\n\
              # As root, mosquitto would switch to the mosquitto user and lose access to this\n\
              # test's files; for other users this line has no effect.\n\
-             user root\n"
+             user root\n",
         );
-        if let Some(c) = &tls {
-            text.push_str(&format!(
-                "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\n",
-                c.ca.display(),
-                c.server_cert.display(),
-                c.server_key.display()
-            ));
-        }
         fs::write(&conf, text).unwrap();
         Mosquitto {
             port,
