@@ -105,6 +105,14 @@ fn booted(records: Vec<ModuleRecord>) -> (State, Vec<Effect>) {
     (s, all)
 }
 
+/// A compile worker's successful result for `ticket`: module `name`, compiled.
+fn compiled(ticket: u64, name: &str) -> Input {
+    Input::Prepared {
+        ticket,
+        result: Ok(Box::new(prepared(name))),
+    }
+}
+
 fn stored(ticket: u64, what: Stored) -> Input {
     Input::Stored {
         ticket,
@@ -365,13 +373,7 @@ fn a_failed_probation_rolls_back_in_the_store_and_starts_the_previous_version() 
         })
         .unwrap();
     assert_eq!(name, 1);
-    let fx = s.handle(
-        Input::Prepared {
-            ticket,
-            result: Ok(Box::new(prepared("m"))),
-        },
-        at(1),
-    );
+    let fx = s.handle(compiled(ticket, "m"), at(1));
     assert!(fx.iter().any(|e| matches!(e, Effect::Claim { .. })));
     assert_eq!(spawned(&fx).len(), 1);
     assert!(!spawned(&fx)[0].1, "the previous version runs as it was");
@@ -408,13 +410,7 @@ fn restarting_a_module_that_failed_its_probation_runs_it_on_probation_again_with
     assert!(spawned(&fx).is_empty());
     // Compiled again, since it never ran in this agent.
     let ticket = operator_restart(&mut s, "m", at(1));
-    let fx = s.handle(
-        Input::Prepared {
-            ticket,
-            result: Ok(Box::new(prepared("m"))),
-        },
-        at(1),
-    );
+    let fx = s.handle(compiled(ticket, "m"), at(1));
     assert!(fx.iter().any(|e| matches!(e, Effect::Claim { .. })));
     let (_, op) = store_op(&fx, |op| matches!(op, StoreOp::SetState { .. })).unwrap();
     assert!(matches!(
