@@ -1192,20 +1192,17 @@ impl State {
                 // Committed; then the runner is told to stop and its lines go to their safe
                 // state once it has ended. Nothing it publishes from now on is sent.
                 if let Some(slot) = self.slots.remove(&module) {
-                    match slot.runner() {
-                        Some(runner) => {
+                    match (slot.runner(), slot.phase) {
+                        (Some(runner), _) => {
                             fx.push(Effect::Stop { runner });
                             self.retiring.insert(runner, Then::Release(module.clone()));
                         }
-                        None => {
-                            if let Phase::Waiting { old, .. } = slot.phase {
-                                self.retiring.insert(old, Then::Release(module.clone()));
-                            } else {
-                                fx.push(Effect::Release {
-                                    module: module.clone(),
-                                });
-                            }
+                        (None, Phase::Waiting { old, .. }) => {
+                            self.retiring.insert(old, Then::Release(module.clone()));
                         }
+                        (None, _) => fx.push(Effect::Release {
+                            module: module.clone(),
+                        }),
                     }
                 }
                 self.status_dirty = true;
