@@ -157,6 +157,33 @@ fn no_counter_value_published_before_a_kill_9_is_lost() {
 }
 
 #[test]
+fn a_runner_told_to_stop_while_its_store_is_still_opening_never_keeps_the_next_version_waiting() {
+    // A burst of versions: a runner may be asked to stop (its successor stored) while the store
+    // worker has not yet opened its key-value store, so before it exists. The stop used to be
+    // lost there, the runner then ran on and its successor waited for its end for ever.
+    let Rig {
+        broker: _broker,
+        op,
+        obs,
+        agent: _agent,
+    } = Rig::start();
+    obs.status(0, "pi-1", "online", |s| s.online);
+    let mut seq = 0;
+    for _round in 0..100 {
+        let m = obs.mark();
+        for _ in 0..12 {
+            seq += 1;
+            obs.deploy(
+                "pi-1",
+                "kv-counter",
+                &op.bundle("kv-counter", seq, "kv-counter"),
+            );
+        }
+        obs.running(m, "pi-1", "kv-counter", seq);
+    }
+}
+
+#[test]
 fn a_deployment_is_reported_for_every_version_even_when_versions_come_back_to_back() {
     let Rig {
         broker: _broker,

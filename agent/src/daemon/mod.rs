@@ -256,6 +256,7 @@ pub async fn run(
         store_jobs: worker(back_tx.clone()),
         compile_jobs: worker(back_tx),
         runners: BTreeMap::new(),
+        opening: BTreeMap::new(),
         runner_tx,
         durability: Durability::new(commit_tx),
         subscriptions: subscriptions_tx,
@@ -334,6 +335,9 @@ struct Shell {
     store_jobs: mpsc::UnboundedSender<Job>,
     compile_jobs: mpsc::UnboundedSender<Job>,
     runners: BTreeMap<u64, RunnerHandle>,
+    /// Runners spawned whose key-value store the store worker is still opening, and whether a
+    /// stop was asked for meanwhile (such a runner never starts: its end is reported at once).
+    opening: BTreeMap<u64, bool>,
     runner_tx: mpsc::Sender<RunnerEvent>,
     durability: Durability,
     subscriptions: watch::Sender<Vec<String>>,
@@ -371,6 +375,15 @@ impl Shell {
                 kv,
             } => {
                 let name = prepared.name().to_string();
+                if self.opening.remove(&runner) == Some(true) {
+                    // Told to stop before it could start: it ends here, as a runner would.
+                    return Some(Input::Runner(RunnerEvent::State {
+                        id: runner,
+                        module: name,
+                        state: runner::RunState::Stopped,
+                        restarts: 0,
+                    }));
+                }
                 let kv = match kv {
                     Ok(kv) => kv.map(|kv| Box::new(kv) as Box<_>),
                     Err(reason) => {
@@ -457,6 +470,7 @@ impl Shell {
                 prepared,
                 probation,
             } => {
+                self.opening.insert(runner, false);
                 let store = Arc::clone(&self.store);
                 let job: Job = Box::new(move || {
                     let kv = match prepared.limits().kv_quota_bytes {
@@ -478,6 +492,8 @@ impl Shell {
             Effect::Stop { runner } => {
                 if let Some(h) = self.runners.get(&runner) {
                     h.stop_soon();
+                } else if let Some(stop) = self.opening.get_mut(&runner) {
+                    *stop = true;
                 }
             }
             Effect::Restart { runner } => {
