@@ -9,6 +9,12 @@
 //! [`compile`] then parses checked bytes for the runtime without validating them a second time
 //! (functions are translated lazily, on their first call).
 //!
+//! A passed check is remembered per Wasm digest ([`CheckedWasm::record`], kept by the store), so
+//! that a module restarted later (agent start, operator restart, rollback) is compiled from its
+//! stored bytes without being checked again: [`recall`] accepts the record only if it was made
+//! by this very agent binary under the same limits ([`CheckStamp`]); anything else means one
+//! full check again.
+//!
 //! Modules run each in an engine of their own ([`runtime_engine`]): wasmi keeps the code it
 //! compiles for the life of its engine, so one shared engine would grow with every upgrade,
 //! rejected bundle and restart; a module's engine goes away with the module.
@@ -16,6 +22,11 @@
 pub mod structure;
 
 use std::fmt;
+use std::io::Read as _;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 pub use structure::{Shape, StructureError, StructureLimits, WasmLimits};
 
@@ -115,11 +126,12 @@ pub fn compile(
 }
 
 /// Wasm bytes that passed [`check`]: structure within the limits, every function validated and
-/// translated. Only [`check`] makes one.
+/// translated. Only [`check`] (and [`recall`], from what a check recorded) makes one.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct CheckedWasm<'a> {
     bytes: &'a [u8],
     shape: Shape,
+    stamp: CheckStamp,
 }
 
 impl<'a> CheckedWasm<'a> {
@@ -132,6 +144,92 @@ impl<'a> CheckedWasm<'a> {
     pub fn shape(&self) -> Shape {
         self.shape
     }
+
+    /// What to remember of this check, stored beside the Wasm under its digest: [`recall`]
+    /// turns it back into a `CheckedWasm` for the same bytes without checking them again.
+    pub fn record(&self) -> Vec<u8> {
+        let record = CheckRecord {
+            stamp: self.stamp,
+            shape: self.shape,
+        };
+        let mut out = Vec::new();
+        // Serialising two fixed-size plain values into a Vec cannot fail.
+        ciborium::into_writer(&record, &mut out)
+            .unwrap_or_else(|e| unreachable!("encoding a check record: {e}"));
+        out
+    }
+}
+
+/// Identifies what a check accepted: this agent binary (its engine configuration, wasmi and the
+/// structure scan are all in it) and the limits checked against. A record made under another
+/// stamp is not trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckStamp([u8; 32]);
+
+impl CheckStamp {
+    /// The stamp of a check against `limits` by this binary.
+    pub fn of(limits: &WasmLimits) -> CheckStamp {
+        let mut h = sha2::Sha256::new();
+        h.update(b"edge-agent check record v1\0");
+        h.update(binary_digest());
+        h.update(format!("{limits:?}").as_bytes());
+        CheckStamp(h.finalize().into())
+    }
+}
+
+/// The SHA-256 of the running executable, read once per process; a build that cannot be read
+/// gets a random value, so that nothing it records is ever trusted by another run.
+fn binary_digest() -> &'static [u8; 32] {
+    static DIGEST: OnceLock<[u8; 32]> = OnceLock::new();
+    DIGEST.get_or_init(|| {
+        let read = || -> std::io::Result<[u8; 32]> {
+            let mut file = std::fs::File::open("/proc/self/exe")?;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0; 64 << 10];
+            loop {
+                match file.read(&mut buf)? {
+                    0 => break,
+                    n => h.update(&buf[..n]),
+                }
+            }
+            Ok(h.finalize().into())
+        };
+        read().unwrap_or_else(|_| {
+            let mut random = [0; 32];
+            // Without randomness either, a fixed value would make records trusted across
+            // builds: fall back to the process id and the time, which never repeat a run.
+            if getrandom::fill(&mut random).is_err() {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let seed = format!("{} {:?}", std::process::id(), t);
+                random = sha2::Sha256::digest(seed.as_bytes()).into();
+            }
+            random
+        })
+    })
+}
+
+/// What [`CheckedWasm::record`] stores.
+#[derive(Debug, Serialize, Deserialize)]
+struct CheckRecord {
+    stamp: CheckStamp,
+    shape: Shape,
+}
+
+/// `wasm` as checked, if `record` says these bytes passed [`check`] under `limits` in this
+/// agent binary. The caller must know that `wasm` are the bytes the record was made for (the
+/// store keys records by the Wasm's SHA-256 and verifies the digest of every blob it reads).
+/// `None`: check them again.
+pub fn recall<'a>(wasm: &'a [u8], record: &[u8], limits: &WasmLimits) -> Option<CheckedWasm<'a>> {
+    let record: CheckRecord = ciborium::from_reader(record).ok()?;
+    (record.stamp == CheckStamp::of(limits) && wasm.starts_with(&WASM_HEADER)).then_some(
+        CheckedWasm {
+            bytes: wasm,
+            shape: record.shape,
+            stamp: record.stamp,
+        },
+    )
 }
 
 impl fmt::Debug for CheckedWasm<'_> {
@@ -169,7 +267,11 @@ pub fn check<'a>(wasm: &'a [u8], limits: &WasmLimits) -> Result<CheckedWasm<'a>,
     })?;
     let engine = wasmi::Engine::new(&config(wasmi::CompilationMode::Eager));
     wasmi::Module::new(&engine, wasm).map_err(|e| CheckError::Invalid(e.to_string()))?;
-    Ok(CheckedWasm { bytes: wasm, shape })
+    Ok(CheckedWasm {
+        bytes: wasm,
+        shape,
+        stamp: CheckStamp::of(limits),
+    })
 }
 
 #[cfg(test)]
@@ -178,6 +280,39 @@ mod tests {
 
     fn wasm(wat: &str) -> Vec<u8> {
         wat::parse_str(wat).unwrap()
+    }
+
+    #[test]
+    fn a_check_record_is_recalled_only_under_the_limits_it_was_made_with() {
+        let bytes = wasm("(module (memory 1) (func (export \"f\")))");
+        let limits = WasmLimits::default();
+        let checked = check(&bytes, &limits).unwrap();
+        let record = checked.record();
+        assert_eq!(recall(&bytes, &record, &limits), Some(checked));
+        let stricter = WasmLimits {
+            structure: StructureLimits {
+                max_functions: 1,
+                ..StructureLimits::default()
+            },
+            ..limits
+        };
+        assert_eq!(recall(&bytes, &record, &stricter), None);
+        let smaller_memory = WasmLimits {
+            max_memory_bytes: 1 << 16,
+            ..limits
+        };
+        assert_eq!(recall(&bytes, &record, &smaller_memory), None);
+        // A damaged record, or one that is not a record, is not trusted.
+        let mut damaged = record.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        let mut flipped_stamp = record.clone();
+        flipped_stamp[8] ^= 0x01;
+        for bad in [&damaged[..], &flipped_stamp[..], &record[..4], &b"\xa0"[..], &[][..]] {
+            assert_ne!(recall(&bytes, bad, &limits), Some(checked), "{bad:02x?}");
+        }
+        // Bytes that are not Wasm are never taken as checked.
+        assert_eq!(recall(b"not wasm", &record, &limits), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! Each test has its own broker, port, directories and agents; waits are bounded (see
 //! `support/`). Modules tick every 50 ms so that a handful of ticks takes a fraction of a second.
 
+use std::fs;
 use std::time::{Duration, Instant};
 
 use edge_agent::core::bundle;
@@ -535,6 +536,52 @@ fn an_agent_restarted_while_the_broker_is_down_runs_its_modules_from_the_store()
         &obs.counters_since(0, "pi-1", "kv-counter"),
         "across the agent restart",
     );
+}
+
+/// A module started from the store is compiled from the record of its check at install, which
+/// holds only for the limits it was made under: with stricter structure limits the agent checks
+/// the stored module again and refuses it; back under the old limits it runs from its record.
+#[test]
+fn a_stored_module_is_checked_again_when_the_structure_limits_change() {
+    let broker = Mosquitto::start();
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
+    obs.deploy("pi-1", "heartbeat", &op.bundle("heartbeat", 1, "heartbeat"));
+    obs.running(0, "pi-1", "heartbeat", 1);
+    assert!(agent.terminate().success(), "{}", agent.log());
+    {
+        let store = Store::open(agent.state_dir(), 1 << 20).unwrap();
+        let record = store.module("heartbeat").unwrap().unwrap();
+        let sha = record.current.wasm_sha256();
+        assert!(
+            store.check_record(&sha).unwrap().is_some(),
+            "the install kept no record of the Wasm check"
+        );
+    }
+
+    let original = fs::read_to_string(agent.config_path()).unwrap();
+    agent.edit_config(|text| format!("{text}\n[runtime.structure]\nmax_functions = 2\n"));
+    agent.start_again();
+    poll(
+        Duration::from_secs(20),
+        "the stored heartbeat refused under max_functions = 2",
+        || {
+            agent
+                .log_of_this_run()
+                .contains("max_functions")
+                .then_some(())
+        },
+    );
+    assert!(agent.terminate().success(), "{}", agent.log());
+
+    agent.edit_config(|_| original);
+    let m = obs.mark();
+    agent.start_again();
+    obs.status(m, "pi-1", "heartbeat running again from the store", |s| {
+        module_in(s, "heartbeat").is_some_and(|h| is_running(h) && h.seq == 1 && h.calls >= 2)
+    });
+    assert!(!agent.log_of_this_run().contains("max_functions"));
 }
 
 /// The kv-counter Wasm with a custom section appended: the same module, another digest.

@@ -559,6 +559,44 @@ fn confirm_activates_only_the_version_on_probation() {
     ));
 }
 
+/// Check records live as long as a version refers to their blob: none is kept for a blob no
+/// version refers to, a freed blob's goes with it, and `open` drops any left behind.
+#[test]
+fn a_check_record_is_kept_while_a_version_refers_to_its_blob() {
+    let tmp = tempdir();
+    let k = key(1);
+    let (w1, w2, w3) = (wasm(1, 10), wasm(2, 10), wasm(3, 10));
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    store.set_check_record(&sha(&w1), b"early").unwrap();
+    assert_eq!(store.check_record(&sha(&w1)).unwrap(), None);
+    install(&store, &k, "demo", 1, &w1);
+    store.set_check_record(&sha(&w1), b"one").unwrap();
+    assert_eq!(store.check_record(&sha(&w1)).unwrap().unwrap(), b"one");
+    store.confirm("demo", 1, &[]).unwrap();
+    install(&store, &k, "demo", 2, &w2);
+    store.set_check_record(&sha(&w2), b"two").unwrap();
+    store.confirm("demo", 2, &[]).unwrap();
+    // The third version frees the first one's blob, and its record.
+    install(&store, &k, "demo", 3, &w3);
+    assert_eq!(store.check_record(&sha(&w1)).unwrap(), None);
+    assert_eq!(store.check_record(&sha(&w2)).unwrap().unwrap(), b"two");
+    drop(store);
+    // A record whose blob is gone (as a crash between a removal and its clean-up leaves it).
+    {
+        let db = raw_db(tmp.path());
+        db.open_tree("checked")
+            .unwrap()
+            .insert(sha(&w1).0, &b"stale"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Store::open(tmp.path(), CACHE).unwrap();
+    assert_eq!(store.check_record(&sha(&w1)).unwrap(), None);
+    assert_eq!(store.check_record(&sha(&w2)).unwrap().unwrap(), b"two");
+    store.remove("demo", 4, Sha256::of(b"removal"), &[]).unwrap();
+    assert_eq!(store.check_record(&sha(&w2)).unwrap(), None);
+}
+
 #[test]
 fn removal_drops_record_blobs_and_kv_but_keeps_the_seq() {
     let tmp = tempdir();
@@ -605,7 +643,7 @@ fn removal_drops_record_blobs_and_kv_but_keeps_the_seq() {
     }
     assert_eq!(
         tree_names(tmp.path()),
-        ["blob_refs", "meta", "modules", "outbox", "seqs"]
+        ["blob_refs", "checked", "meta", "modules", "outbox", "seqs"]
     );
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.seq("demo").unwrap().unwrap().highest_seq, 3);

@@ -33,8 +33,8 @@ use crate::runtime::host::{Clock as _, SystemClock};
 use crate::runtime::runner::{
     self, Durability, GuestPool, RunnerConfig, RunnerEvent, RunnerHandle,
 };
-use crate::runtime::{PreparedModule, Runtime};
-use crate::store::{Store, StoreError};
+use crate::runtime::{InstallError, PreparedModule, Runtime};
+use crate::store::{Store, StoreError, StoredVersion};
 
 use state::{Checked, Level, Qos, Rejection, State, StoreFailure, StoreOp, Stored};
 pub use state::{Effect, Input, Now};
@@ -441,15 +441,7 @@ impl Shell {
                 let store = Arc::clone(&self.store);
                 let runtime = self.runtime.clone();
                 let job: Job = Box::new(move || {
-                    let result = store
-                        .wasm(&version.wasm_sha256())
-                        .map_err(|e| e.to_string())
-                        .and_then(|wasm| {
-                            runtime
-                                .prepare(&version.manifest, &wasm)
-                                .map(Box::new)
-                                .map_err(|e| e.to_string())
-                        });
+                    let result = prepare_stored(&store, &runtime, &version).map(Box::new);
                     Back::Input(Input::Prepared { ticket, result })
                 });
                 let _ = self.compile_jobs.send(job);
@@ -674,11 +666,48 @@ fn verify(
         _ => None,
     };
     Ok(Box::new(Checked {
+        check_record: verified.wasm().map(|w| w.record()),
         key_id: verified.key_id(),
         wasm: verified.wasm_bytes().map(Arc::from),
         manifest,
         prepared,
     }))
+}
+
+/// Compiles an installed version from the store: its Wasm (whose digest the store verifies) is
+/// checked again only when no record of an earlier check by this agent, under its current
+/// limits, is kept for it; a check made here is recorded for the next start.
+fn prepare_stored(
+    store: &Store,
+    runtime: &Runtime,
+    version: &StoredVersion,
+) -> Result<PreparedModule, String> {
+    let sha = version.wasm_sha256();
+    let wasm = store.wasm(&sha).map_err(|e| e.to_string())?;
+    let limits = runtime.config().wasm_limits();
+    let recalled = match store.check_record(&sha) {
+        Ok(Some(record)) => crate::engine::recall(&wasm, &record, &limits),
+        _ => None,
+    };
+    let checked = match recalled {
+        Some(checked) => checked,
+        None => {
+            let checked = crate::engine::check(&wasm, &limits).map_err(|source| {
+                InstallError::Check {
+                    module: version.manifest.name.clone(),
+                    source,
+                }
+                .to_string()
+            })?;
+            if let Err(e) = store.set_check_record(&sha, &checked.record()) {
+                tracing::debug!(module = %version.manifest.name, "check record not kept: {e}");
+            }
+            checked
+        }
+    };
+    runtime
+        .prepare_checked(&version.manifest, checked)
+        .map_err(|e| e.to_string())
 }
 
 /// Carries out one store operation.
@@ -694,6 +723,7 @@ fn store_op(
             key_id,
             wasm,
             bundle_sha256,
+            check_record,
             events,
         } => {
             let (record, events) = store.install(
@@ -704,6 +734,12 @@ fn store_op(
                 now_ms,
                 &events,
             )?;
+            if let (Some(r), Some(w)) = (check_record, manifest.wasm) {
+                // A record that cannot be kept costs one check at the module's next start.
+                if let Err(e) = store.set_check_record(&w.sha256, &r) {
+                    tracing::debug!(module = %manifest.name, "check record not kept: {e}");
+                }
+            }
             (Stored::Record(Box::new(record)), events)
         }
         StoreOp::BeginProbation { seq } => {

@@ -42,6 +42,9 @@ pub struct Checked {
     pub wasm: Option<Arc<[u8]>>,
     /// The compiled module, for installs.
     pub prepared: Option<PreparedModule>,
+    /// What the Wasm check left to remember ([`crate::engine::CheckedWasm::record`]), kept
+    /// with the installed blob so that later starts of the module skip the check.
+    pub check_record: Option<Vec<u8>>,
 }
 
 /// Why a bundle was refused.
@@ -67,6 +70,8 @@ pub enum StoreOp {
         wasm: Arc<[u8]>,
         /// The bundle's digest.
         bundle_sha256: Sha256,
+        /// The record of the Wasm's check, kept beside the blob.
+        check_record: Option<Vec<u8>>,
         /// Events written with it.
         events: Vec<Event>,
     },
@@ -979,6 +984,7 @@ impl State {
             key_id,
             wasm,
             prepared,
+            check_record,
         } = *checked;
         match (manifest.action, wasm, prepared) {
             (BundleAction::Remove, _, _) => {
@@ -1041,6 +1047,7 @@ impl State {
                         key_id,
                         wasm,
                         bundle_sha256: sha256,
+                        check_record,
                         events,
                     },
                     fx,

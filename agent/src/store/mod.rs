@@ -26,6 +26,10 @@
 //!   - `outbox`: event id, u64 big-endian → CBOR [`Event`] (with its id): deployment events
 //!     recorded with the change that caused them and kept until the caller acknowledges that
 //!     the broker has them ([`Store::ack_events`]); at most [`OUTBOX_MAX`], the oldest dropped.
+//!   - `checked`: Wasm SHA-256 (32 bytes) → the record of a passed Wasm check of that blob
+//!     (opaque here: `crate::engine::CheckedWasm::record`), so that a module restarted from the
+//!     store is not checked again ([`Store::check_record`]). A cache: written without a flush
+//!     or a transaction, dropped with the blob; a lost or missing record costs one check.
 //! - `wasm/<sha256 hex>` — the Wasm blobs, one file each, named by the SHA-256 of their content
 //!   (`<sha256 hex>.tmp` while one is being written). Their SHA-256 is checked on every read.
 //!
@@ -328,6 +332,7 @@ pub struct Store {
     blob_refs: sled::Tree,
     seqs: sled::Tree,
     outbox: sled::Tree,
+    checked: sled::Tree,
     /// Events the full outbox dropped, as recorded in `meta`.
     outbox_dropped: AtomicU64,
     blobs: files::BlobDir,
@@ -402,12 +407,13 @@ impl Store {
                 source,
             })
         };
-        let (meta, modules, blob_refs, seqs, outbox) = (
+        let (meta, modules, blob_refs, seqs, outbox, checked) = (
             tree("meta")?,
             tree("modules")?,
             tree("blob_refs")?,
             tree("seqs")?,
             tree("outbox")?,
+            tree("checked")?,
         );
         let wasm_dir = dir.join(WASM_DIR);
         let blobs =
@@ -436,6 +442,7 @@ impl Store {
             blob_refs,
             seqs,
             outbox,
+            checked,
             outbox_dropped: AtomicU64::new(0),
             blobs,
             writer: Mutex::new(()),
@@ -987,6 +994,35 @@ impl Store {
         SledKv::open(name, self.kv_tree(name)?, quota_bytes)
     }
 
+    /// The check record kept for the blob `sha256` ([`Store::set_check_record`]), if any.
+    pub fn check_record(&self, sha256: &Sha256) -> Result<Option<Vec<u8>>, StoreError> {
+        self.usable()?;
+        self.checked
+            .get(sha256.0)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|source| StoreError::Db {
+                action: format!("reading the check record of blob {sha256}"),
+                source,
+            })
+    }
+
+    /// Keeps `record` for the blob `sha256` while a version refers to it (nothing is kept for a
+    /// blob no version refers to). Not flushed: it becomes durable with the next flush.
+    pub fn set_check_record(&self, sha256: &Sha256, record: &[u8]) -> Result<(), StoreError> {
+        self.usable()?;
+        let _writer = self.lock();
+        if self.ref_count(sha256)? == 0 {
+            return Ok(());
+        }
+        self.checked
+            .insert(sha256.0, record)
+            .map(drop)
+            .map_err(|source| StoreError::Db {
+                action: format!("recording the check of blob {sha256}"),
+                source,
+            })
+    }
+
     /// Makes everything written so far durable (key-value writes included); for shutdown.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.usable()?;
@@ -1096,6 +1132,21 @@ impl Store {
             path: self.dir.join(WASM_DIR),
             source,
         })?;
+        // Check records of blobs nothing refers to any more.
+        for entry in self.checked.iter() {
+            let (key, _) = entry.map_err(|source| StoreError::Db {
+                action: "listing check records".into(),
+                source,
+            })?;
+            let referenced = <[u8; 32]>::try_from(key.as_ref())
+                .is_ok_and(|sha| expected.contains_key(&Sha256(sha)));
+            if !referenced {
+                self.checked.remove(&key).map_err(|source| StoreError::Db {
+                    action: "removing a leftover check record".into(),
+                    source,
+                })?;
+            }
+        }
         let installed: BTreeSet<&[u8]> = records.iter().map(|r| r.name.as_bytes()).collect();
         // A snapshot is kept only while its record points at it (for the current version).
         let snapshots: BTreeSet<&[u8]> = records
@@ -1233,6 +1284,7 @@ impl Store {
     fn commit(&self, action: &str, freed: &[Sha256]) -> Result<(), StoreError> {
         self.sync(action)?;
         for sha in freed {
+            let _ = self.checked.remove(sha.0);
             self.blobs.remove(sha);
         }
         if !freed.is_empty() {
