@@ -298,6 +298,8 @@ pub struct PreparedModule {
     name: String,
     engine: wasmi::Engine,
     module: wasmi::Module,
+    /// The host functions its imports name, built once for every instance (restarts included).
+    linker: Arc<wasmi::Linker<HostState>>,
     publish: Vec<String>,
     hardware: Hardware,
     limits: EffectiveLimits,
@@ -421,10 +423,12 @@ impl Runtime {
                 });
             }
         }
+        let linker = Arc::new(linker::linker_for(&name, &engine, &module)?);
         Ok(PreparedModule {
             name,
             engine,
             module,
+            linker,
             publish: manifest.caps.publish.clone(),
             hardware: Hardware::new(Arc::clone(&self.board), &manifest.caps),
             limits,
@@ -453,12 +457,12 @@ impl Runtime {
         .with_hardware(prepared.hardware.clone());
         let mut store = Store::new(&prepared.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let linker = linker::linker_for(&name, &prepared.engine, &prepared.module)?;
         let fail = |reason: String| InstallError::Instantiate {
             module: name.clone(),
             reason,
         };
-        let instance = linker
+        let instance = prepared
+            .linker
             .instantiate_and_start(&mut store, &prepared.module)
             .map_err(|e| match store.data().limiter.denied {
                 Some(d) => InstallError::MemoryRefused {
