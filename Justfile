@@ -48,13 +48,18 @@ modules:
 
 # benchmarks: runtime (cold start, fuel overhead, host calls, memory per module), containment
 # (host-call prices against plain Wasm, the worst call at the default limits, peak memory of
-# checking hostile structures, RSS across 1,000 upgrades) and daemon (deploy latency against an
-# MQTT round trip, agent RSS; needs mosquitto)
+# checking hostile structures, RSS across 1,000 upgrades), daemon (deploy latency against an
+# MQTT round trip, agent RSS; needs mosquitto) and peers (CPU-heavy guests: the agent's
+# throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with plain wasmi fuel on and off;
+# peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it
+# could not install is reported as not measured, with why)
 bench: modules
     cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime
     cargo bench --locked -p edge-agent --bench containment
     cargo bench --locked -p edge-agent --bench daemon
+    -agent/benches/peers-setup
+    cargo bench --locked -p edge-agent --bench peers
 
 # release build of edge-agent and edgectl for an ARM target, without Docker (Debian's cross gcc)
 cross TARGET="aarch64-unknown-linux-gnu":
