@@ -38,6 +38,12 @@ fuzz-smoke SECONDS="30":
 fuzz TARGET="verify_bundle" *ARGS:
     cd agent && cargo +nightly fuzz run {{TARGET}} fuzz/seeds/{{TARGET}} {{ARGS}}
 
+# the store's power-cut test (tests/powercut) with CUTS cut points over a recording of OPS
+# operations, strict and torn models, and the fsyncs per operation; needs /dev/fuse and root
+powercut CUTS="2000" OPS="300" SECONDS="1800":
+    EDGE_POWERCUT_CUTS={{CUTS}} EDGE_POWERCUT_OPS={{OPS}} EDGE_POWERCUT_SECONDS={{SECONDS}} \
+      cargo test --locked -p powercut --test powercut -- --nocapture
+
 # release build of the agent and edgectl for this machine
 build:
     cargo build --release --locked -p edge-agent
@@ -49,7 +55,8 @@ modules:
 # benchmarks: runtime (cold start, fuel overhead, host calls, memory per module), containment
 # (host-call prices against plain Wasm, the worst call at the default limits, peak memory of
 # checking hostile structures, RSS across 1,000 upgrades) and daemon (deploy latency against an
-# MQTT round trip, agent RSS; needs mosquitto)
+# MQTT round trip, agent RSS; needs mosquitto). The store's power-cut test with many more cut
+# points than `cargo test` checks, and its fsyncs per operation: `just powercut`.
 bench: modules
     cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime
