@@ -361,7 +361,7 @@ impl Workload {
         let (op, run): (String, Box<dyn FnOnce() + 'a>) = match (&installed, pick) {
             (_, 0..25) | (None, 25..75) => {
                 let w = rng.pick(&wasms[..]);
-                let bundle = signed(manifest(name, next_seq), w, &k);
+                let bundle = signed(manifest(name, next_seq), w, k);
                 let verified = v.verify(&bundle, 0, |_| None).unwrap();
                 let version = StoredVersion {
                     manifest: verified.manifest().clone(),
@@ -417,7 +417,7 @@ impl Workload {
                 let mut r = rec.clone();
                 r.kv_snapshot = Some(seq);
                 set_record(&mut after, name, Some(r));
-                set_hidden(&mut after, name, Some(kv_of(&before, name)));
+                set_hidden(&mut after, name, Some(kv_of(before, name)));
                 (
                     format!("begin_probation:{name}:{seq}"),
                     Box::new(move || store.begin_probation(name, seq).unwrap()),
@@ -464,7 +464,7 @@ impl Workload {
                 let r = match &rec.previous {
                     Some(p) => {
                         if rec.kv_snapshot == Some(rec.current.manifest.seq) {
-                            set_kv(&mut after, name, Some(hidden_of(&before, name)));
+                            set_kv(&mut after, name, Some(hidden_of(before, name)));
                         }
                         ModuleRecord {
                             name: name.to_string(),

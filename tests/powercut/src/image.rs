@@ -179,7 +179,7 @@ impl Disk {
         }
         let mut entries = self.synced_dirs.get(&ino).cloned().unwrap_or_default();
         if let (Some(rng), Some(ops)) = (rng.as_mut(), self.pending_dirs.get(&ino)) {
-            let prefix = rng.below(ops.len() as u64 + 1) as usize;
+            let prefix = usize::try_from(rng.below(ops.len() as u64 + 1)).unwrap_or(0);
             for op in &ops[..prefix] {
                 match op {
                     EntryOp::Link(name, child) => {
@@ -218,7 +218,8 @@ fn torn(bytes: &mut Vec<u8>, ops: &[DataOp], rng: &mut Rng) -> u64 {
                 let mut at = *offset;
                 let mut rest = &data[..];
                 while !rest.is_empty() {
-                    let in_page = (PAGE - at % PAGE).min(rest.len() as u64) as usize;
+                    let in_page =
+                        usize::try_from(PAGE - at % PAGE).map_or(rest.len(), |p| p.min(rest.len()));
                     let (chunk, tail) = rest.split_at(in_page);
                     if rng.below(2) == 0 {
                         write_at(bytes, at, chunk);
@@ -380,8 +381,11 @@ mod tests {
         assert_eq!(disk.applied(), 9);
     }
 
+    const PAGE_BYTES: usize = 4096;
+
     #[test]
     fn a_torn_cut_keeps_synced_data_and_some_pages_of_the_rest() {
+        assert_eq!(PAGE_BYTES as u64, PAGE);
         let mut disk = Disk::new();
         disk.apply(&Event::Create {
             parent: ROOT,
@@ -397,7 +401,7 @@ mod tests {
         disk.apply(&Event::Write {
             ino: 2,
             offset: 0,
-            data: vec![1; 3 * PAGE as usize],
+            data: vec![1; 3 * PAGE_BYTES],
         });
         disk.apply(&Event::Fsync {
             ino: 2,
@@ -408,16 +412,16 @@ mod tests {
         disk.apply(&Event::Write {
             ino: 2,
             offset: 100,
-            data: vec![2; 3 * PAGE as usize],
+            data: vec![2; 3 * PAGE_BYTES],
         });
         let mut shapes = HashSet::new();
         for seed in 0..64 {
             let files = image(&disk, Mode::Torn { seed });
             let bytes = &files[0].1;
-            assert!(bytes.len() == 3 * PAGE as usize || bytes.len() == 3 * PAGE as usize + 100);
+            assert!(bytes.len() == 3 * PAGE_BYTES || bytes.len() == 3 * PAGE_BYTES + 100);
             // Synced bytes are there; each page is wholly old or wholly new.
             assert!(bytes[..100].iter().all(|&b| b == 1));
-            for page in bytes.chunks(PAGE as usize) {
+            for page in bytes.chunks(PAGE_BYTES) {
                 let skip = usize::from(page.as_ptr() == bytes.as_ptr()) * 100;
                 let rest = &page[skip..];
                 assert!(

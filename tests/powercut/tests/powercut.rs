@@ -256,11 +256,14 @@ fn fsync_tid(event: &Event) -> Option<u32> {
     }
 }
 
+/// Per kind of operation: how many, their fsyncs in all, the fewest, the most, per category.
+type Row<'a> = (u64, u64, u64, u64, BTreeMap<&'a str, u64>);
+
 /// Prints the fsyncs (file fsync and fdatasync, directory fsync) the worker's calls made per
 /// kind of operation, by category, and those other threads (sled's flusher) made.
 fn report_fsyncs(events: &[Event], ops: &[Op], worker: u32, seconds: f64) {
     // Per kind: operations, total fsyncs, min, max, per category.
-    let mut table: BTreeMap<&str, (u64, u64, u64, u64, BTreeMap<&str, u64>)> = BTreeMap::new();
+    let mut table: BTreeMap<&str, Row<'_>> = BTreeMap::new();
     let mut current: Option<(&str, u64, BTreeMap<&str, u64>)> = None;
     let mut background: BTreeMap<&str, u64> = BTreeMap::new();
     for event in events {
