@@ -38,6 +38,12 @@ fuzz-smoke SECONDS="30":
 fuzz TARGET="verify_bundle" *ARGS:
     cd agent && cargo +nightly fuzz run {{TARGET}} fuzz/seeds/{{TARGET}} {{ARGS}}
 
+# the store's power-cut test (tests/powercut) with CUTS cut points over a recording of OPS
+# operations, strict and torn models, and the fsyncs per operation; needs /dev/fuse and root
+powercut CUTS="2000" OPS="300" SECONDS="1800":
+    EDGE_POWERCUT_CUTS={{CUTS}} EDGE_POWERCUT_OPS={{OPS}} EDGE_POWERCUT_SECONDS={{SECONDS}} \
+      cargo test --locked -p powercut --test powercut -- --nocapture
+
 # release build of the agent and edgectl for this machine
 build:
     cargo build --release --locked -p edge-agent
@@ -52,7 +58,8 @@ modules:
 # MQTT round trip, agent RSS; needs mosquitto) and peers (CPU-heavy guests: the agent's
 # throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with plain wasmi fuel on and off;
 # peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it
-# could not install is reported as not measured, with why)
+# could not install is reported as not measured, with why). The store's power-cut test with many
+# more cut points than `cargo test` checks, and its fsyncs per operation: `just powercut`.
 bench: modules
     cargo build --release --locked -p edge-agent
     cargo bench --locked -p edge-agent --bench runtime

@@ -13,5 +13,6 @@ mod run_module;
 mod runner;
 mod runtime;
 mod store;
+mod store_model;
 mod support;
 mod systemd;
