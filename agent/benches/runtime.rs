@@ -95,7 +95,7 @@ fn raw_lazy_first_tick(wasm: &[u8]) {
             linker
                 .func_new(import.module(), import.name(), ty.clone(), |_, _, results| {
                     for r in results.iter_mut() {
-                        *r = wasmi::Val::default(r.ty());
+                        *r = wasmi::Val::default_for_ty(r.ty());
                     }
                     Ok(())
                 })
