@@ -71,7 +71,7 @@ bench: modules
 # release build of edge-agent and edgectl for an ARM target, without Docker (Debian's cross gcc)
 cross TARGET="aarch64-unknown-linux-gnu":
     rustup target add {{TARGET}}
-    cargo build --release --locked --config cross/cargo.toml --target {{TARGET}} -p edge-agent --bins
+    cargo build --release --locked --config cross/cargo.toml --config cross/release.toml --target {{TARGET}} -p edge-agent --bins
     ls -l target/{{TARGET}}/release/edge-agent target/{{TARGET}}/release/edgectl
 
 # the agent's unit and integration tests for an ARM target under qemu-user (brokers on the host)

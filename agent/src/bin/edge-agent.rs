@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use edge_agent::cli::agent::{Cli, Command};
+use edge_agent::cli::log::StderrLog;
 use edge_agent::cli::report::one_line;
 use edge_agent::cli::run_module;
 use edge_agent::config::Config;
@@ -53,20 +53,16 @@ fn main() -> ExitCode {
 
 fn agent(cli: Cli) -> anyhow::Result<()> {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
     // RUST_LOG as targets and levels ("info", "warn,edge_agent::daemon=debug"); a plain parser,
     // not env-filter's regular expressions, which would cost the device binary ~0.5 MB.
     let filter: Targets = std::env::var("RUST_LOG")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .finish()
-        .with(filter)
-        .init();
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    StderrLog::new(filter, ansi)
+        .install()
+        .context("installing the log")?;
     let path = cli
         .config
         .context("no configuration: pass --config FILE or set EDGE_AGENT_CONFIG")?;

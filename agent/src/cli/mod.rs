@@ -5,5 +5,6 @@ pub mod common;
 pub mod edgectl;
 mod files;
 pub mod fleet;
+pub mod log;
 pub mod report;
 pub mod run_module;

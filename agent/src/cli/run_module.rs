@@ -5,8 +5,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Args;
-
 use super::files;
 use crate::core::manifest::Manifest;
 use crate::core::text::printable;
@@ -18,24 +16,22 @@ use crate::runtime::{CallReport, Outcome, Runtime, RuntimeConfig};
 /// Largest Wasm file read.
 const WASM_MAX: u64 = 16 << 20;
 
-/// Arguments of `edge-agent run-module`.
-#[derive(Debug, Args)]
+/// Arguments of `edge-agent run-module` (parsed in `cli/agent.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunModuleArgs {
     /// The Wasm module.
     pub wasm: PathBuf,
     /// Its TOML manifest (the one `edgectl sign` takes).
-    #[arg(long)]
     pub manifest: PathBuf,
     /// How many times to call `tick` (after `init` and the messages).
-    #[arg(long, default_value_t = 3)]
     pub ticks: u32,
-    /// A message for `on_message`, as TOPIC=PAYLOAD (topic relative to the module's inbox);
-    /// repeatable, delivered in order after `init`.
-    #[arg(long = "message", value_name = "TOPIC=PAYLOAD", value_parser = parse_message)]
+    /// Messages for `on_message`, as (topic relative to the module's inbox, payload), delivered
+    /// in order after `init`.
     pub messages: Vec<(String, String)>,
 }
 
-fn parse_message(s: &str) -> Result<(String, String), String> {
+/// A `--message` value: `TOPIC=PAYLOAD`, split at the first `=`.
+pub(crate) fn parse_message(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(t, p)| (t.to_string(), p.to_string()))
         .ok_or_else(|| format!("{s:?} is not TOPIC=PAYLOAD"))
