@@ -225,8 +225,9 @@ fn main() {
     // (an engine, the parsed module, its linker), instantiated, `init` called, one tick run.
     let n = 100;
     let limits = rt.config().wasm_limits();
-    let checked = edge_agent::engine::check(&hb_wasm, &limits).unwrap();
+    // Before the check, whose freed memory the first modules would otherwise reuse unseen.
     let base = rss_bytes();
+    let checked = edge_agent::engine::check(&hb_wasm, &limits).unwrap();
     let prepared: Vec<PreparedModule> = (0..n)
         .map(|_| rt.prepare_checked(&hb, checked).unwrap())
         .collect();

@@ -306,8 +306,10 @@ mod tests {
         let mut damaged = record.clone();
         let last = damaged.len() - 1;
         damaged[last] ^= 1;
+        // The record is a CBOR map whose first entry is "stamp": 32 bytes from index 9 on.
+        assert_eq!(&record[..9], b"\xa2\x65stamp\x98\x20");
         let mut flipped_stamp = record.clone();
-        flipped_stamp[8] ^= 0x01;
+        flipped_stamp[9] ^= 0x01;
         for bad in [&damaged[..], &flipped_stamp[..], &record[..4], &b"\xa0"[..], &[][..]] {
             assert_ne!(recall(&bytes, bad, &limits), Some(checked), "{bad:02x?}");
         }

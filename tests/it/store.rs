@@ -844,7 +844,7 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
         }
         db.flush().unwrap();
     }
-    assert_eq!(tree_names(tmp.path()).len(), 10);
+    assert_eq!(tree_names(tmp.path()).len(), 11);
     let store = Store::open(tmp.path(), CACHE).unwrap();
     let mut expected = vec![sha(&w).to_hex(), sha(&w2).to_hex()];
     expected.sort();
@@ -873,7 +873,7 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
     drop(store);
     assert_eq!(
         tree_names(tmp.path()),
-        ["blob_refs", "kv/demo", "meta", "modules", "outbox", "seqs"]
+        ["blob_refs", "checked", "kv/demo", "meta", "modules", "outbox", "seqs"]
     );
 }
 

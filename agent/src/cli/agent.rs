@@ -541,7 +541,7 @@ mod tests {
             ),
             (
                 &["run-module"],
-                "not provided:\n  --manifest <MANIFEST>\n  <WASM>",
+                "the following required arguments were not provided:\n  --manifest <MANIFEST>\n  <WASM>",
                 RUN_MODULE_USAGE,
             ),
             (
