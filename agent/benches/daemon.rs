@@ -222,7 +222,10 @@ fn main() {
                 continue;
             }
             let s: Status = protocol::from_cbor(&p.payload).unwrap();
-            let new = s.modules.iter().find(|m| m.name == "heartbeat" && m.seq == seq);
+            let new = s
+                .modules
+                .iter()
+                .find(|m| m.name == "heartbeat" && m.seq == seq);
             if new.is_some() && t_stored.is_none() {
                 t_stored = Some(t.elapsed());
             }
@@ -269,9 +272,10 @@ fn main() {
                     let p = next_publish(&mut obs, Duration::from_secs(60));
                     if p.topic.ends_with("/status") {
                         let s: Status = protocol::from_cbor(&p.payload).unwrap();
-                        if s.modules.iter().any(|m| {
-                            m.name == "heartbeat" && m.seq == seq && m.detail.is_none()
-                        }) {
+                        if s.modules
+                            .iter()
+                            .any(|m| m.name == "heartbeat" && m.seq == seq && m.detail.is_none())
+                        {
                             break;
                         }
                     }
@@ -366,16 +370,20 @@ fn main() {
     let extra = 20;
     let before_extra = rss(pid);
     for i in 0..extra {
-        let mut m = Manifest::from_toml(
-            &std::fs::read_to_string(modules.join("heartbeat.toml")).unwrap(),
-        )
-        .unwrap();
+        let mut m =
+            Manifest::from_toml(&std::fs::read_to_string(modules.join("heartbeat.toml")).unwrap())
+                .unwrap();
         m.name = format!("hb-{i}");
         m.caps.publish = vec![format!("hb-{i}/#")];
         let wasm = std::fs::read(modules.join("heartbeat.wasm")).unwrap();
         let b = bundle::sign(m, Some(&wasm), &key, DEFAULT_MAX_BUNDLE_BYTES).unwrap();
         operator
-            .publish(format!("edge/{DEVICE}/desired/hb-{i}"), QoS::AtLeastOnce, true, b)
+            .publish(
+                format!("edge/{DEVICE}/desired/hb-{i}"),
+                QoS::AtLeastOnce,
+                true,
+                b,
+            )
             .unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -392,7 +400,10 @@ fn main() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "the {extra} extra modules did not all start");
+        assert!(
+            Instant::now() < deadline,
+            "the {extra} extra modules did not all start"
+        );
     }
     std::thread::sleep(Duration::from_secs(2));
     let per_module = rss(pid).saturating_sub(before_extra) as f64 / extra as f64;
@@ -438,7 +449,11 @@ fn main() {
         "edge-agent daemon benchmarks (mosquitto on loopback, release edge-agent)\n"
     )
     .unwrap();
-    writeln!(out, "deploy latency: publish a {size}-byte heartbeat bundle, {runs} runs").unwrap();
+    writeln!(
+        out,
+        "deploy latency: publish a {size}-byte heartbeat bundle, {runs} runs"
+    )
+    .unwrap();
     writeln!(
         out,
         "  publish -> stored durably (status names the seq)  p50 {:>8.2} ms  p99 {:>8.2} ms",

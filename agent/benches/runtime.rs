@@ -93,12 +93,17 @@ fn raw_lazy_first_tick(wasm: &[u8]) {
     for import in module.imports() {
         if let wasmi::ExternType::Func(ty) = import.ty() {
             linker
-                .func_new(import.module(), import.name(), ty.clone(), |_, _, results| {
-                    for r in results.iter_mut() {
-                        *r = wasmi::Val::default_for_ty(r.ty());
-                    }
-                    Ok(())
-                })
+                .func_new(
+                    import.module(),
+                    import.name(),
+                    ty.clone(),
+                    |_, _, results| {
+                        for r in results.iter_mut() {
+                            *r = wasmi::Val::default_for_ty(r.ty());
+                        }
+                        Ok(())
+                    },
+                )
                 .unwrap();
         }
     }

@@ -310,7 +310,13 @@ mod tests {
         assert_eq!(&record[..9], b"\xa2\x65stamp\x98\x20");
         let mut flipped_stamp = record.clone();
         flipped_stamp[9] ^= 0x01;
-        for bad in [&damaged[..], &flipped_stamp[..], &record[..4], &b"\xa0"[..], &[][..]] {
+        for bad in [
+            &damaged[..],
+            &flipped_stamp[..],
+            &record[..4],
+            &b"\xa0"[..],
+            &[][..],
+        ] {
             assert_ne!(recall(&bytes, bad, &limits), Some(checked), "{bad:02x?}");
         }
         // Bytes that are not Wasm are never taken as checked.

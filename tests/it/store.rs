@@ -524,7 +524,9 @@ fn a_check_record_is_kept_while_a_version_refers_to_its_blob() {
     let store = Store::open(tmp.path(), CACHE).unwrap();
     assert_eq!(store.check_record(&sha(&w1)).unwrap(), None);
     assert_eq!(store.check_record(&sha(&w2)).unwrap().unwrap(), b"two");
-    store.remove("demo", 4, Sha256::of(b"removal"), &[]).unwrap();
+    store
+        .remove("demo", 4, Sha256::of(b"removal"), &[])
+        .unwrap();
     assert_eq!(store.check_record(&sha(&w2)).unwrap(), None);
 }
 
@@ -873,7 +875,15 @@ fn open_removes_what_an_interrupted_operation_left_behind() {
     drop(store);
     assert_eq!(
         tree_names(tmp.path()),
-        ["blob_refs", "checked", "kv/demo", "meta", "modules", "outbox", "seqs"]
+        [
+            "blob_refs",
+            "checked",
+            "kv/demo",
+            "meta",
+            "modules",
+            "outbox",
+            "seqs"
+        ]
     );
 }
 
