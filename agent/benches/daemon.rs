@@ -295,7 +295,7 @@ fn main() {
             calls as f64 / n as f64
         })
     };
-    let runs = runs as usize;
+    let runs = usize::try_from(runs).unwrap();
 
     // Floors, measured here: one fsync of a 16 KiB append on the state directory's file system,
     // and the cold start of the same module in this process (from checked bytes to its first
