@@ -1323,13 +1323,23 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(file_err(side)(e)),
         };
+        let mut present = 0usize;
         for entry in entries {
             let path = entry.map_err(file_err(side.clone()))?.path();
+            present += 1;
             match File::open(&path).and_then(|f| f.sync_all()) {
                 // sled deletes side files it no longer needs at any time.
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(file_err(path)(e)),
                 _ => {}
             }
+        }
+        // The directory's fsync makes the entries of the side files there durable; a removal
+        // need not be (a side file sled dropped that comes back after a power cut is one it no
+        // longer refers to). With none there, which is the rule here (no value reaches sled's
+        // side-file size: Wasm lives in blob files, key-value values are at most 16 KiB), the
+        // flush costs one fsync, the log's (the power-cut test, tests/powercut, checks both).
+        if present == 0 {
+            return Ok(());
         }
         files::sync_dir(&side).map_err(file_err(side))
     }
