@@ -22,7 +22,6 @@
 pub mod structure;
 
 use std::fmt;
-use std::io::Read as _;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -177,36 +176,42 @@ impl CheckStamp {
     }
 }
 
-/// The SHA-256 of the running executable, read once per process; a build that cannot be read
-/// gets a random value, so that nothing it records is ever trusted by another run.
+/// The identity of the running executable, taken once per process: the agent's version and
+/// its file's device, inode, size and modification time (a rebuilt or upgraded binary is a new
+/// file or a new mtime). A stat, not a hash of the file: a debug build of the agent is over
+/// 100 MB, and hashing it at every start took seconds under emulation. An executable that
+/// cannot be looked at gets a random value, so that nothing it records is trusted by another run.
 fn binary_digest() -> &'static [u8; 32] {
     static DIGEST: OnceLock<[u8; 32]> = OnceLock::new();
     DIGEST.get_or_init(|| {
-        let read = || -> std::io::Result<[u8; 32]> {
-            let mut file = std::fs::File::open("/proc/self/exe")?;
-            let mut h = sha2::Sha256::new();
-            let mut buf = vec![0; 64 << 10];
-            loop {
-                match file.read(&mut buf)? {
-                    0 => break,
-                    n => h.update(&buf[..n]),
+        use std::os::unix::fs::MetadataExt as _;
+        match std::fs::metadata("/proc/self/exe") {
+            Ok(m) => {
+                let id = format!(
+                    "edge-agent {} {} {} {} {}.{}",
+                    env!("CARGO_PKG_VERSION"),
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                );
+                sha2::Sha256::digest(id.as_bytes()).into()
+            }
+            Err(_) => {
+                let mut random = [0; 32];
+                if getrandom::fill(&mut random).is_err() {
+                    // Without randomness either: the process id and the time, which never
+                    // repeat a run.
+                    let t = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let seed = format!("{} {:?}", std::process::id(), t);
+                    random = sha2::Sha256::digest(seed.as_bytes()).into();
                 }
+                random
             }
-            Ok(h.finalize().into())
-        };
-        read().unwrap_or_else(|_| {
-            let mut random = [0; 32];
-            // Without randomness either, a fixed value would make records trusted across
-            // builds: fall back to the process id and the time, which never repeat a run.
-            if getrandom::fill(&mut random).is_err() {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                let seed = format!("{} {:?}", std::process::id(), t);
-                random = sha2::Sha256::digest(seed.as_bytes()).into();
-            }
-            random
-        })
+        }
     })
 }
 
