@@ -154,7 +154,9 @@ fn read_manifest(path: &Path) -> Result<Manifest, CliError> {
 }
 
 fn sign(args: &SignArgs, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), CliError> {
-    let manifest = read_manifest(&args.manifest)?;
+    let mut manifest = read_manifest(&args.manifest)?;
+    // Devices raise their time floor to it (expiry without a real-time clock).
+    manifest.issued_at.get_or_insert_with(unix_now);
     let key = read_private_key(&args.key)?;
     let wasm = match &args.wasm {
         Some(path) => Some(files::read_bounded(path, args.max_bundle_bytes as u64)?),

@@ -317,6 +317,7 @@ pub fn removal_manifest(target: &Target, module: &str, seq: u64) -> Manifest {
             devices: target.device.iter().cloned().collect(),
             groups: target.group.iter().cloned().collect(),
         }),
+        issued_at: Some(unix_now()),
     }
 }
 

@@ -251,6 +251,10 @@ pub struct Manifest {
     /// Devices and groups the bundle is meant for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targets: Option<Targets>,
+    /// When it was signed, unix seconds (`edgectl sign` sets it). A device that accepts the
+    /// bundle raises its time floor to it: expiry is judged by `max(clock, floor)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<u64>,
 }
 
 /// Why a manifest is not acceptable, before any signature or device state is considered.

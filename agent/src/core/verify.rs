@@ -8,12 +8,15 @@
 //! [`crate::engine::check`]: structure within the limits before anything is allocated from its
 //! counts, every function validated and translated, memory within the manifest's cap.
 
+use std::sync::Arc;
+
 use coset::iana;
-use ed25519_dalek::Signature;
+use ed25519_dalek::{Signature, VerifyingKey};
 
 use super::bundle::{self, ContainerError, DEFAULT_MAX_BUNDLE_BYTES};
 use super::keys::{KEY_ID_LEN, KeyId, TrustSet};
 use super::manifest::{Action, Manifest, ManifestProblem, Sha256};
+use super::trust::{KeyRefusal, Policy};
 use crate::engine::{self, CheckError, CheckedWasm, WasmLimits};
 
 /// What a device is, for matching a bundle's `targets`.
@@ -118,6 +121,15 @@ pub enum VerifyError {
         module: String,
         /// The key id, hex.
         kid: String,
+    },
+    /// The trust document in effect does not let the key sign this bundle (revoked, not
+    /// granted, out of scope, expired, or no document accepted yet).
+    #[error("bundle for module {module}: refused: {reason}")]
+    KeyRefused {
+        /// Module name ("unverified" before the signature is checked).
+        module: String,
+        /// Why.
+        reason: KeyRefusal,
     },
     /// The signature does not verify under the named key.
     #[error("bundle for module {module}: refused: the signature does not verify under key {kid}")]
@@ -260,10 +272,39 @@ pub enum VerifyError {
 
 pub use crate::engine::WASM_HEADER;
 
+/// Where a device's trust in signing keys comes from.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Simple mode (`trusted_keys`): every listed key may sign anything.
+    Keys(TrustSet),
+    /// Trust-document mode (`[trust]`): the keys, scopes and revocations of the document in
+    /// effect; `None` until the device accepts one (every bundle is refused meanwhile).
+    Document(Option<Arc<Policy>>),
+}
+
+impl Trust {
+    /// The version of the trust document in effect (0 in simple mode or before any).
+    pub fn version(&self) -> u64 {
+        match self {
+            Trust::Document(Some(p)) => p.version,
+            _ => 0,
+        }
+    }
+
+    /// The key a bundle names, if this trust lets it sign at all.
+    fn key(&self, kid: &KeyId) -> Result<&VerifyingKey, Option<KeyRefusal>> {
+        match self {
+            Trust::Keys(set) => set.get(kid).ok_or(None),
+            Trust::Document(Some(policy)) => policy.key(kid).map_err(Some),
+            Trust::Document(None) => Err(Some(KeyRefusal::NoDocument)),
+        }
+    }
+}
+
 /// Verifies bundles for one device.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    trust: TrustSet,
+    trust: Trust,
     limits: WasmLimits,
     max_bundle_bytes: usize,
     device: Option<DeviceIdentity>,
@@ -273,6 +314,11 @@ impl Verifier {
     /// A verifier trusting `trust`, checking Wasm against `limits` (the runtime's, so that what
     /// passes here also runs: `RuntimeConfig::wasm_limits`).
     pub fn new(trust: TrustSet, limits: WasmLimits) -> Self {
+        Self::with_trust(Trust::Keys(trust), limits)
+    }
+
+    /// A verifier under `trust` (a key set, or a trust document's policy).
+    pub fn with_trust(trust: Trust, limits: WasmLimits) -> Self {
         Verifier {
             trust,
             limits,
@@ -293,8 +339,8 @@ impl Verifier {
         self
     }
 
-    /// The trust set.
-    pub fn trust(&self) -> &TrustSet {
+    /// Where its trust comes from.
+    pub fn trust(&self) -> &Trust {
         &self.trust
     }
 
@@ -347,6 +393,15 @@ impl Verifier {
                 module: module(),
                 device: device.id.clone(),
             });
+        }
+        if let Trust::Document(Some(policy)) = &self.trust {
+            let groups = self.device.as_ref().map_or(&[][..], |d| &d.groups[..]);
+            policy
+                .admit(&key_id, &manifest.name, groups, now_unix)
+                .map_err(|reason| VerifyError::KeyRefused {
+                    module: format!("{:?}", manifest.name),
+                    reason,
+                })?;
         }
         if let Some(expires_at) = manifest.expires_at
             && expires_at <= now_unix
@@ -432,10 +487,14 @@ impl Verifier {
         };
         let kid = <[u8; KEY_ID_LEN]>::try_from(h.key_id.as_slice()).map_err(|_| unknown())?;
         let kid = KeyId(kid);
-        if self.trust.get(&kid).is_none() {
-            return Err(unknown());
+        match self.trust.key(&kid) {
+            Ok(_) => Ok(kid),
+            Err(None) => Err(unknown()),
+            Err(Some(reason)) => Err(VerifyError::KeyRefused {
+                module: unverified(),
+                reason,
+            }),
         }
-        Ok(kid)
     }
 
     fn check_signature(
@@ -448,7 +507,7 @@ impl Verifier {
             module: unverified(),
             kid,
         };
-        let key = self.trust.get(&kid).ok_or_else(bad)?;
+        let key = self.trust.key(&kid).map_err(|_| bad())?;
         sign1.verify_signature(&[], |sig, tbs| {
             let sig = Signature::from_slice(sig).map_err(|_| bad())?;
             key.verify_strict(tbs, &sig).map_err(|_| bad())

@@ -1741,6 +1741,7 @@ mod tests {
             caps: Default::default(),
             expires_at: None,
             targets: None,
+            issued_at: None,
         }
     }
 
