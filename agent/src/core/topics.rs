@@ -101,6 +101,11 @@ impl Topics {
         format!("{prefix}/{GROUP_LEVEL}/{group}/desired/{module}")
     }
 
+    /// `<p>/trust`: the fleet's trust document (retained).
+    pub fn trust_document(prefix: &str) -> String {
+        format!("{prefix}/trust")
+    }
+
     /// `<p>/<device>/status` (retained; the last will sets it offline).
     pub fn status(&self) -> String {
         format!("{}/{}/status", self.prefix, self.device)
