@@ -27,8 +27,14 @@ pub struct Config {
     pub groups: Vec<String>,
     /// Where the store lives.
     pub state_dir: PathBuf,
-    /// Public keys (SPKI PEM files) whose bundles the device accepts.
+    /// Simple mode: public keys (SPKI PEM files) whose bundles the device accepts, each for
+    /// every module. Empty when `[trust]` is set.
+    #[serde(default)]
     pub trusted_keys: Vec<PathBuf>,
+    /// Trust-document mode: the root keys and threshold that sign the fleet's trust document,
+    /// the only source of signing keys when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustConfig>,
     /// The broker.
     pub mqtt: MqttConfig,
     /// Agent behaviour.
@@ -46,6 +52,16 @@ pub struct Config {
     /// GPIO lines, I2C buses and SPI devices this device offers to modules.
     #[serde(default)]
     pub hardware: HardwareConfig,
+}
+
+/// `[trust]`: the device's roots, provisioned once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Root public keys (SPKI PEM files).
+    pub roots: Vec<PathBuf>,
+    /// How many distinct roots must sign a trust document.
+    pub threshold: u64,
 }
 
 /// The broker connection.
@@ -235,6 +251,9 @@ impl Config {
         };
         fix(&mut self.state_dir);
         self.trusted_keys.iter_mut().for_each(fix);
+        if let Some(trust) = &mut self.trust {
+            trust.roots.iter_mut().for_each(fix);
+        }
         for g in &mut self.hardware.gpio {
             if let Some(chip) = &mut g.chip {
                 fix(chip);
@@ -256,8 +275,27 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         self.topics().map_err(|e| e.to_string())?;
         BrokerUrl::parse(&self.mqtt.url).map_err(|e| e.to_string())?;
-        if self.trusted_keys.is_empty() {
-            return Err("trusted_keys is empty: the agent would refuse every bundle".into());
+        match &self.trust {
+            None if self.trusted_keys.is_empty() => {
+                return Err(
+                    "trusted_keys is empty and there is no [trust]: the agent would refuse every bundle"
+                        .into(),
+                );
+            }
+            None => {}
+            Some(_) if !self.trusted_keys.is_empty() => {
+                return Err("trusted_keys and [trust] are both set: with [trust], signing keys come only from the trust document; remove trusted_keys".into());
+            }
+            Some(t) if t.roots.is_empty() => {
+                return Err("trust.roots is empty".into());
+            }
+            Some(t) if t.threshold == 0 || t.threshold > t.roots.len() as u64 => {
+                return Err(format!(
+                    "trust.threshold must be between 1 and the number of roots ({})",
+                    t.roots.len()
+                ));
+            }
+            Some(_) => {}
         }
         if self.mqtt.reconnect_min_ms == 0
             || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
@@ -295,7 +333,11 @@ impl Config {
 
     /// The device's topics.
     pub fn topics(&self) -> Result<Topics, crate::core::topics::TopicError> {
-        Topics::new(&self.mqtt.topic_prefix, &self.device_id, &self.groups)
+        let topics = Topics::new(&self.mqtt.topic_prefix, &self.device_id, &self.groups)?;
+        Ok(match self.trust {
+            Some(_) => topics.with_trust_document(),
+            None => topics,
+        })
     }
 }
 

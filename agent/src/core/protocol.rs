@@ -18,6 +18,9 @@ pub enum ModuleState {
     Quarantined,
     /// Installed but failed and could not be restored (a first version that failed probation).
     Failed,
+    /// Stopped: the trust document in effect revokes the key that signed it. Runs again only
+    /// when a bundle under a valid key replaces it.
+    Revoked,
 }
 
 /// One module in the status report.
@@ -89,6 +92,18 @@ pub struct Status {
     /// being taken over by another client with this device's id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_note: Option<String>,
+    /// The version of the trust document in effect (trust-document mode only; 0 until the
+    /// device accepts one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_version: Option<u64>,
+    /// Something about trust worth an operator's look (no document yet, the document expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_note: Option<String>,
+    /// How far the system clock is behind the time floor (the newest `issued_at` the device
+    /// accepted), seconds, when that is more than a minute: the clock is wrong (no RTC, no NTP
+    /// yet); expiry is judged by the floor meanwhile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_behind_s: Option<u64>,
 }
 
 /// What a deployment event reports.
@@ -113,6 +128,12 @@ pub enum EventKind {
     Superseded,
     /// A newer bundle on a lower-ranked topic is hidden by the one that outranks it.
     Outranked,
+    /// A trust document was put in effect (`module` is empty).
+    TrustUpdated,
+    /// A trust document was refused; the one in effect stays (`module` is empty).
+    TrustRejected,
+    /// A module was stopped because the trust document revokes the key that signed it.
+    Revoked,
 }
 
 impl EventKind {
@@ -128,6 +149,9 @@ impl EventKind {
             EventKind::Restarted => "restarted",
             EventKind::Superseded => "superseded",
             EventKind::Outranked => "outranked",
+            EventKind::TrustUpdated => "trust_updated",
+            EventKind::TrustRejected => "trust_rejected",
+            EventKind::Revoked => "revoked",
         }
     }
 }
@@ -255,6 +279,9 @@ mod tests {
             }],
             dropped_messages: 0,
             broker_note: None,
+            trust_version: Some(3),
+            trust_note: None,
+            clock_behind_s: Some(5),
         };
         assert_eq!(from_cbor::<Status>(&to_cbor(&status)).unwrap(), status);
         let event = Event {

@@ -39,6 +39,8 @@ pub enum Inbound {
         /// The module.
         module: String,
     },
+    /// The fleet's trust document (`<prefix>/trust`; only with [`Topics::with_trust_document`]).
+    Trust,
 }
 
 /// Topic names for one device.
@@ -47,6 +49,7 @@ pub struct Topics {
     prefix: String,
     device: String,
     groups: Vec<String>,
+    trust: bool,
 }
 
 /// Why topics cannot be made for a device.
@@ -83,7 +86,14 @@ impl Topics {
             prefix: prefix.into(),
             device: device.into(),
             groups: groups.to_vec(),
+            trust: false,
         })
+    }
+
+    /// Also follows the fleet's trust document (trust-document mode).
+    pub fn with_trust_document(mut self) -> Self {
+        self.trust = true;
+        self
     }
 
     /// The device id.
@@ -148,12 +158,18 @@ impl Topics {
                 .iter()
                 .map(|g| format!("{}/{GROUP_LEVEL}/{g}/desired/+", self.prefix)),
         );
+        if self.trust {
+            subs.push(Self::trust_document(&self.prefix));
+        }
         subs
     }
 
     /// Parses a received topic; `None` for anything that is not the agent's (or is malformed).
     pub fn parse(&self, topic: &str) -> Option<Inbound> {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        if self.trust && rest == "trust" {
+            return Some(Inbound::Trust);
+        }
         let module_ok = |m: &str| is_valid_module_name(m).then(|| m.to_string());
         if let Some(rest) = rest
             .strip_prefix(GROUP_LEVEL)
@@ -273,6 +289,18 @@ mod tests {
             })
         ));
         assert_eq!(t.subscriptions().len(), 5);
+        assert_eq!(
+            t.parse("edge/trust"),
+            None,
+            "simple mode ignores the trust document"
+        );
+        let t = t.with_trust_document();
+        assert_eq!(t.subscriptions().len(), 6);
+        assert_eq!(t.parse("edge/trust"), Some(Inbound::Trust));
+        assert_eq!(
+            t.parse(&Topics::trust_document("edge")),
+            Some(Inbound::Trust)
+        );
     }
 
     #[test]

@@ -25,8 +25,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::core::keys::{self, TrustSet};
-use crate::core::manifest::Action as BundleAction;
-use crate::core::verify::{DeviceIdentity, Verifier};
+use crate::core::manifest::{Action as BundleAction, Sha256};
+use crate::core::protocol::{Event, EventKind};
+use crate::core::trust::{self, Policy, Roots};
+use crate::core::verify::{DeviceIdentity, Trust, Verifier};
 use crate::hal::Board;
 use crate::mqtt::{self, BrokerUrl, ClientSettings};
 use crate::runtime::host::{Clock as _, SystemClock};
@@ -36,7 +38,10 @@ use crate::runtime::runner::{
 use crate::runtime::{InstallError, PreparedModule, Runtime};
 use crate::store::{Store, StoreError, StoredVersion};
 
-use state::{Checked, Level, Qos, Rejection, State, StoreFailure, StoreOp, Stored};
+use state::{
+    Checked, Level, Qos, Rejection, State, StoreFailure, StoreOp, Stored, TrustOutcome,
+    TrustRefusal, TrustView,
+};
 pub use state::{Effect, Input, Now};
 
 /// Threads the agent may run at most, for the service manager's `TasksMax`: the main thread,
@@ -74,19 +79,44 @@ pub enum DaemonError {
     Topics(#[from] crate::core::topics::TopicError),
 }
 
-/// Reads the trusted public keys named in the configuration.
+/// Reads the trusted public keys named in the configuration (simple mode).
 pub fn load_trust(config: &Config) -> Result<TrustSet, DaemonError> {
     let mut trust = TrustSet::new();
     for path in &config.trusted_keys {
-        let bad = |reason: String| DaemonError::TrustedKey {
+        let key = read_public_key(path)?;
+        trust.insert(key).map_err(|e| DaemonError::TrustedKey {
             path: path.clone(),
-            reason,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
-        let key = keys::parse_public_key(&text).map_err(|e| bad(e.to_string()))?;
-        trust.insert(key).map_err(|e| bad(e.to_string()))?;
+            reason: e.to_string(),
+        })?;
     }
     Ok(trust)
+}
+
+/// Reads the root keys of `[trust]` (trust-document mode); `None` in simple mode.
+pub fn load_roots(config: &Config) -> Result<Option<Roots>, DaemonError> {
+    let Some(t) = &config.trust else {
+        return Ok(None);
+    };
+    let keys = t
+        .roots
+        .iter()
+        .map(|p| read_public_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Roots::new(keys, t.threshold)
+        .map(Some)
+        .map_err(|e| DaemonError::TrustedKey {
+            path: t.roots.first().cloned().unwrap_or_default(),
+            reason: format!("[trust] roots: {e}"),
+        })
+}
+
+fn read_public_key(path: &std::path::Path) -> Result<ed25519_dalek::VerifyingKey, DaemonError> {
+    let bad = |reason: String| DaemonError::TrustedKey {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    keys::parse_public_key(&text).map_err(|e| bad(e.to_string()))
 }
 
 /// Hooks for the service manager (systemd's notify protocol); all optional.
@@ -110,16 +140,19 @@ pub trait Notifier: Send {
 pub struct Silent;
 impl Notifier for Silent {}
 
-/// The verifier a configuration asks for.
-fn verifier(config: &Config) -> Result<Verifier, DaemonError> {
-    Ok(
-        Verifier::new(load_trust(config)?, config.runtime.wasm_limits())
-            .with_max_bundle_bytes(config.agent.max_bundle_bytes)
-            .for_device(DeviceIdentity {
-                id: config.device_id.clone(),
-                groups: config.groups.clone(),
-            }),
-    )
+/// The verifier a configuration asks for: its trusted keys, or in trust-document mode the
+/// policy of the document in effect (`None`: none accepted yet).
+fn verifier(config: &Config, policy: Option<Arc<Policy>>) -> Result<Verifier, DaemonError> {
+    let trust = match &config.trust {
+        Some(_) => Trust::Document(policy),
+        None => Trust::Keys(load_trust(config)?),
+    };
+    Ok(Verifier::with_trust(trust, config.runtime.wasm_limits())
+        .with_max_bundle_bytes(config.agent.max_bundle_bytes)
+        .for_device(DeviceIdentity {
+            id: config.device_id.clone(),
+            groups: config.groups.clone(),
+        }))
 }
 
 /// What the shell's workers report back to its loop.
@@ -185,6 +218,39 @@ pub async fn run(
         .map(|(name, s)| (name, s.last_bundle_sha256))
         .collect();
     let (mut state, first) = State::new(config.clone(), records, settled, now(started))?;
+    let roots = load_roots(&config)?;
+    let mut policy = None;
+    if roots.is_some() {
+        let stored = store.trust()?;
+        let view = match &stored {
+            Some(t) => {
+                let p = Policy::from_accepted(&t.document).map_err(|e| StoreError::Corrupt {
+                    what: "the trust document in effect".into(),
+                    reason: e.to_string(),
+                })?;
+                tracing::info!(
+                    "trust document version {} in effect (roots {})",
+                    p.version,
+                    Roots::from_wire(&t.roots).map_or_else(|e| e.to_string(), |r| r.to_string())
+                );
+                let view = TrustView {
+                    version: p.version,
+                    expires_at: p.expires_at,
+                };
+                policy = Some(Arc::new(p));
+                view
+            }
+            None => {
+                tracing::warn!(
+                    "no trust document accepted yet: bundles are refused until one signed by the \
+                     roots arrives"
+                );
+                TrustView::default()
+            }
+        };
+        let seen = stored.map(|t| Sha256::of(&t.document));
+        state.set_trust(Some(view), store.time_floor(), seen);
+    }
 
     let settings = ClientSettings {
         client_id: config.device_id.clone(),
@@ -248,7 +314,10 @@ pub async fn run(
             0 => GuestPool::for_this_machine(),
             n => GuestPool::new(n),
         },
-        verifier: Arc::new(verifier(&config)?),
+        verifier: Arc::new(verifier(&config, policy.clone())?),
+        policy,
+        roots,
+        time_floor: store.time_floor(),
         config,
         store,
         board,
@@ -289,7 +358,7 @@ pub async fn run(
             },
             Some(new) = reloads.recv() => {
                 notifier.reloading();
-                match verifier(&new) {
+                match verifier(&new, None).and_then(|_| load_roots(&new)) {
                     Ok(_) => Input::Reload(Box::new(new)),
                     Err(e) => {
                         tracing::error!("reload refused, the configuration in effect stays: {e}");
@@ -306,6 +375,12 @@ pub async fn run(
         let reload = matches!(input, Input::Reload(_));
         let fx = state.handle(input, now(started));
         shell.run_effects(fx, &mut state, notifier);
+        let floor = shell.store.time_floor();
+        if floor != shell.time_floor {
+            shell.time_floor = floor;
+            let fx = state.handle(Input::TimeFloor(floor), now(started));
+            shell.run_effects(fx, &mut state, notifier);
+        }
         if reload {
             notifier.reloaded();
         }
@@ -329,6 +404,11 @@ struct Shell {
     runtime: Runtime,
     pool: GuestPool,
     verifier: Arc<Verifier>,
+    /// Trust-document mode: the policy of the document in effect, and the provisioned roots.
+    policy: Option<Arc<Policy>>,
+    roots: Option<Roots>,
+    /// The store's time floor as last told to the state.
+    time_floor: u64,
     store: Arc<Store>,
     board: Arc<Board>,
     client: AsyncClient,
@@ -449,13 +529,47 @@ impl Shell {
             Effect::Store { ticket, module, op } => {
                 let store = Arc::clone(&self.store);
                 let job: Job = Box::new(move || {
-                    let result = store_op(&store, &module, *op).map_err(|e| StoreFailure {
-                        reason: e.to_string(),
-                        broken: store.is_broken(),
-                    });
+                    let result = match &*op {
+                        // The trust document changed after the bundle was verified (trust
+                        // updates run on this worker too, so this check cannot race one).
+                        StoreOp::Install { trust_version, .. }
+                            if *trust_version != store.trust_version() =>
+                        {
+                            Err(StoreFailure {
+                                reason: format!(
+                                    "module {module:?}: the trust document changed (version \
+                                     {trust_version} -> {}) after its bundle was verified",
+                                    store.trust_version()
+                                ),
+                                broken: false,
+                            })
+                        }
+                        _ => store_op(&store, &module, *op).map_err(|e| StoreFailure {
+                            reason: e.to_string(),
+                            broken: store.is_broken(),
+                        }),
+                    };
                     Back::Input(Input::Stored { ticket, result })
                 });
                 let _ = self.store_jobs.send(job);
+            }
+            Effect::Trust { ticket, document } => {
+                let store = Arc::clone(&self.store);
+                let Some(roots) = self.roots.clone() else {
+                    return;
+                };
+                let job: Job = Box::new(move || {
+                    let result = apply_trust_document(&store, &roots, &document);
+                    Back::Input(Input::Trust { ticket, result })
+                });
+                let _ = self.store_jobs.send(job);
+            }
+            Effect::Policy(policy) => {
+                self.policy = Some(policy);
+                match verifier(&self.config, self.policy.clone()) {
+                    Ok(v) => self.verifier = Arc::new(v),
+                    Err(e) => tracing::error!("trust: {e}"),
+                }
             }
             Effect::Spawn {
                 runner,
@@ -581,7 +695,7 @@ impl Shell {
                 filters.push(self.topics.events());
                 self.subscriptions.send_replace(filters);
             }
-            Effect::Reconfigure(config) => match verifier(&config) {
+            Effect::Reconfigure(config) => match verifier(&config, self.policy.clone()) {
                 Ok(v) => {
                     self.verifier = Arc::new(v);
                     self.runtime = self.runtime.with_config(config.runtime);
@@ -628,13 +742,14 @@ fn verify(
     bytes: &[u8],
 ) -> Result<Box<Checked>, Rejection> {
     let mut seq_error = None;
-    let verified = verifier.verify(bytes, SystemClock.now_ms() / 1000, |name| {
-        match store.seq(name) {
-            Ok(s) => s.map(|s| s.highest_seq),
-            Err(e) => {
-                seq_error = Some(e.to_string());
-                None
-            }
+    // Expiry is judged by the clock, or by the time floor when the clock is behind it (a board
+    // without a real-time clock boots at 1970).
+    let clock = (SystemClock.now_ms() / 1000).max(store.time_floor());
+    let verified = verifier.verify(bytes, clock, |name| match store.seq(name) {
+        Ok(s) => s.map(|s| s.highest_seq),
+        Err(e) => {
+            seq_error = Some(e.to_string());
+            None
         }
     });
     if let Some(e) = seq_error {
@@ -666,6 +781,7 @@ fn verify(
         _ => None,
     };
     Ok(Box::new(Checked {
+        trust_version: verifier.trust().version(),
         check_record: verified.wasm().map(|w| w.record()),
         key_id: verified.key_id(),
         wasm: verified.wasm_bytes().map(Arc::from),
@@ -711,11 +827,7 @@ fn prepare_stored(
 }
 
 /// Carries out one store operation.
-fn store_op(
-    store: &Store,
-    module: &str,
-    op: StoreOp,
-) -> Result<(Stored, Vec<crate::core::protocol::Event>), StoreError> {
+fn store_op(store: &Store, module: &str, op: StoreOp) -> Result<(Stored, Vec<Event>), StoreError> {
     let now_ms = SystemClock.now_ms();
     Ok(match op {
         StoreOp::Install {
@@ -724,6 +836,7 @@ fn store_op(
             wasm,
             bundle_sha256,
             check_record,
+            trust_version: _,
             events,
         } => {
             let (record, events) = store.install(
@@ -734,6 +847,11 @@ fn store_op(
                 now_ms,
                 &events,
             )?;
+            if let Some(t) = manifest.issued_at
+                && let Err(e) = store.raise_time_floor(t)
+            {
+                tracing::warn!("time floor not raised: {e}");
+            }
             if let (Some(r), Some(w)) = (check_record, manifest.wasm) {
                 // A record that cannot be kept costs one check at the module's next start.
                 if let Err(e) = store.set_check_record(&w.sha256, &r) {
@@ -757,9 +875,15 @@ fn store_op(
         StoreOp::Remove {
             seq,
             bundle_sha256,
+            issued_at,
             events,
         } => {
             let (_, events) = store.remove(module, seq, bundle_sha256, &events)?;
+            if let Some(t) = issued_at
+                && let Err(e) = store.raise_time_floor(t)
+            {
+                tracing::warn!("time floor not raised: {e}");
+            }
             (Stored::Done, events)
         }
         StoreOp::SetState { state, events } => {
@@ -768,4 +892,111 @@ fn store_op(
         }
         StoreOp::PushEvents { events } => (Stored::Done, store.push_events(&events)?),
     })
+}
+
+/// Verifies a trust document under the roots in effect (the store's, or the provisioned ones
+/// before any document) and the version in effect, then puts it in effect in the store with
+/// what it changes and the events it causes. A refused document is reported with a
+/// `trust_rejected` event; nothing else changes.
+fn apply_trust_document(
+    store: &Store,
+    provisioned: &Roots,
+    document: &[u8],
+) -> Result<Box<TrustOutcome>, TrustRefusal> {
+    let now_ms = SystemClock.now_ms();
+    let clock = (now_ms / 1000).max(store.time_floor());
+    let transient = |reason: String| TrustRefusal {
+        reason: format!("trust document not applied: {reason}"),
+        events: Vec::new(),
+        permanent: false,
+    };
+    let event = |kind, module: &str, version, seq, reason: String| Event {
+        id: 0,
+        ts_ms: now_ms,
+        kind,
+        module: module.to_string(),
+        version,
+        seq,
+        reason: Some(reason),
+    };
+    let stored = store.trust().map_err(|e| transient(e.to_string()))?;
+    let (roots, current) = match &stored {
+        Some(t) => (
+            Roots::from_wire(&t.roots).map_err(|e| transient(format!("the stored roots: {e}")))?,
+            t.version,
+        ),
+        None => (provisioned.clone(), 0),
+    };
+    let accepted = match trust::verify(document, &roots, current, clock) {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = e.to_string();
+            let e = event(EventKind::TrustRejected, "", None, None, reason.clone());
+            let events = store.push_events(&[e]).unwrap_or_default();
+            return Err(TrustRefusal {
+                reason,
+                events,
+                permanent: true,
+            });
+        }
+    };
+    let policy = accepted.policy;
+    let revoked: std::collections::BTreeSet<String> =
+        policy.revoked().map(ToString::to_string).collect();
+    let records = store.modules().map_err(|e| transient(e.to_string()))?;
+    let signers: Vec<String> = accepted.signers.iter().map(ToString::to_string).collect();
+    let mut summary = format!(
+        "trust document version {} in effect: {} signing key(s), {} revoked, signed by {}",
+        policy.version,
+        policy.grants().count(),
+        revoked.len(),
+        signers.join(", ")
+    );
+    if accepted.rotated {
+        summary.push_str(&format!("; roots rotated to {}", accepted.roots));
+    }
+    for r in &policy.seq_resets {
+        summary.push_str(&format!("; seq floor of {} reset to {}", r.module, r.seq));
+    }
+    let mut events = vec![event(EventKind::TrustUpdated, "", None, None, summary)];
+    for r in records.iter().filter(|r| {
+        revoked.contains(&r.current.key_id_hex)
+            && !matches!(r.state, crate::store::InstallState::Revoked { .. })
+    }) {
+        events.push(event(
+            EventKind::Revoked,
+            &r.name,
+            Some(r.current.manifest.version.clone()),
+            Some(r.current.manifest.seq),
+            format!(
+                "stopped: its bundle was signed by key {}, which trust document version {} \
+                 revokes; a bundle signed by a valid key replaces it",
+                r.current.key_id_hex, policy.version
+            ),
+        ));
+    }
+    let change = crate::store::TrustChange {
+        document: document.to_vec(),
+        version: policy.version,
+        roots: accepted.roots.to_wire(),
+        issued_at: policy.issued_at,
+        revoked,
+        seq_resets: policy
+            .seq_resets
+            .iter()
+            .map(|r| (r.module.clone(), r.seq))
+            .collect(),
+    };
+    let applied = store
+        .apply_trust(&change, &events)
+        .map_err(|e| transient(e.to_string()))?;
+    Ok(Box::new(TrustOutcome {
+        view: TrustView {
+            version: policy.version,
+            expires_at: policy.expires_at,
+        },
+        policy: Arc::new(policy),
+        changed: applied.changed,
+        events: applied.events,
+    }))
 }

@@ -17,6 +17,7 @@ use crate::core::protocol::{self, Event, EventKind, LogRecord, ModuleState, Modu
 use crate::core::reconcile::{Action, Offer, Reconciler};
 use crate::core::text::printable;
 use crate::core::topics::{Inbound, Scope, Topics};
+use crate::core::trust::Policy;
 use crate::runtime::runner::{CallKind, RunState, RunnerEvent};
 use crate::runtime::{InstanceStats, PreparedModule};
 use crate::store::{InstallState, ModuleRecord, StoredVersion};
@@ -45,6 +46,41 @@ pub struct Checked {
     /// What the Wasm check left to remember ([`crate::engine::CheckedWasm::record`]), kept
     /// with the installed blob so that later starts of the module skip the check.
     pub check_record: Option<Vec<u8>>,
+    /// The version of the trust document it was verified under (0: none, or simple mode).
+    pub trust_version: u64,
+}
+
+/// The trust in effect, as far as the state needs it (trust-document mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TrustView {
+    /// The document's version (0: none accepted yet).
+    pub version: u64,
+    /// When it expires, unix seconds.
+    pub expires_at: Option<u64>,
+}
+
+/// A trust document put in effect (the result of [`Effect::Trust`]).
+#[derive(Debug, Clone)]
+pub struct TrustOutcome {
+    /// What it grants, for the verifier.
+    pub policy: Arc<Policy>,
+    /// Its version and expiry.
+    pub view: TrustView,
+    /// Module records it changed (revoked, or their rollback target dropped).
+    pub changed: Vec<ModuleRecord>,
+    /// The events recorded with it, with their ids.
+    pub events: Vec<Event>,
+}
+
+/// A trust document refused (the result of [`Effect::Trust`]).
+#[derive(Debug, Clone)]
+pub struct TrustRefusal {
+    /// Why.
+    pub reason: String,
+    /// The `trust_rejected` event recorded, with its id (none if it could not be recorded).
+    pub events: Vec<Event>,
+    /// False when it may pass later (the store failed): tried again when it is offered again.
+    pub permanent: bool,
 }
 
 /// Why a bundle was refused.
@@ -72,6 +108,9 @@ pub enum StoreOp {
         bundle_sha256: Sha256,
         /// The record of the Wasm's check, kept beside the blob.
         check_record: Option<Vec<u8>>,
+        /// The trust version it was verified under: the install is refused (and the bundle
+        /// verified again) if another trust document came into effect meanwhile.
+        trust_version: u64,
         /// Events written with it.
         events: Vec<Event>,
     },
@@ -100,6 +139,8 @@ pub enum StoreOp {
         seq: u64,
         /// The bundle's digest.
         bundle_sha256: Sha256,
+        /// The bundle's `issued_at` (the time floor rises to it).
+        issued_at: Option<u64>,
         /// Events written with it.
         events: Vec<Event>,
     },
@@ -191,6 +232,15 @@ pub enum Input {
         /// Why.
         reason: String,
     },
+    /// The result of [`Effect::Trust`].
+    Trust {
+        /// The effect's ticket.
+        ticket: u64,
+        /// The document put in effect, or why not.
+        result: Result<Box<TrustOutcome>, TrustRefusal>,
+    },
+    /// The store's time floor (unix seconds), at start and whenever it rises.
+    TimeFloor(u64),
     /// A key-value flush failed: the store can no longer be trusted.
     StoreBroken(String),
     /// Time passed (a timer of the shell, about once a second).
@@ -234,6 +284,16 @@ pub enum Effect {
         /// The bundle.
         offer: Offer,
     },
+    /// Verify a trust document under the roots in effect and, if it passes, put it in effect
+    /// in the store (revocations, seq resets, events); answer with [`Input::Trust`].
+    Trust {
+        /// Ticket for the answer.
+        ticket: u64,
+        /// The document.
+        document: Arc<[u8]>,
+    },
+    /// Verify bundles under this policy from now on.
+    Policy(Arc<Policy>),
     /// Read a stored version's Wasm and compile it; answer with [`Input::Prepared`].
     Prepare {
         /// Ticket for the answer.
@@ -435,6 +495,8 @@ enum Pending {
         module: String,
         scope: Scope,
         sha256: Sha256,
+        /// The trust epoch it was asked under.
+        epoch: u64,
     },
     Peek {
         module: String,
@@ -449,6 +511,7 @@ enum Pending {
         sha256: Sha256,
         prepared: PreparedModule,
         caps: Box<Caps>,
+        epoch: u64,
     },
     Remove {
         module: String,
@@ -456,6 +519,9 @@ enum Pending {
     },
     Module(String),
     Events,
+    Trust {
+        sha256: Sha256,
+    },
 }
 
 /// Telemetry and logs waiting for the broker.
@@ -523,6 +589,18 @@ pub struct State {
     stopping: Option<u64>,
     fatal: Option<String>,
     exited: bool,
+    /// Trust-document mode: the trust in effect (`None`: simple mode).
+    trust: Option<TrustView>,
+    /// Bumped whenever a trust document comes into effect: a verification or an install asked
+    /// under an older epoch is done again.
+    trust_epoch: u64,
+    /// The trust document being verified and applied, and the newest one offered meanwhile.
+    trust_busy: bool,
+    trust_next: Option<Arc<[u8]>>,
+    /// The digest of the last trust document settled (accepted or refused for good).
+    trust_seen: Option<Sha256>,
+    /// The store's time floor, unix seconds.
+    time_floor: u64,
 }
 
 impl State {
@@ -556,6 +634,12 @@ impl State {
             stopping: None,
             fatal: None,
             exited: false,
+            trust: None,
+            trust_epoch: 0,
+            trust_busy: false,
+            trust_next: None,
+            trust_seen: None,
+            time_floor: 0,
         };
         let mut fx = Vec::new();
         for record in records {
@@ -566,6 +650,9 @@ impl State {
                         cause: cause.clone(),
                     }
                 }
+                InstallState::Revoked { key_id } => Phase::Stopped {
+                    cause: trust::revoked_cause(key_id),
+                },
                 InstallState::Active | InstallState::Probation => {
                     let ticket = state.ticket(Pending::Module(name.clone()));
                     state.booting += 1;
@@ -645,6 +732,13 @@ impl State {
                     Level::Error,
                     format!("module {module}: hardware: {reason}"),
                 ));
+            }
+            Input::Trust { ticket, result } => self.trust_done(ticket, result, now, &mut fx),
+            Input::TimeFloor(floor) => {
+                if floor != self.time_floor {
+                    self.time_floor = floor;
+                    self.status_dirty = true;
+                }
             }
             Input::StoreBroken(reason) => {
                 fx.push(Effect::Log(Level::Error, format!("store: {reason}")));
@@ -834,6 +928,7 @@ impl State {
                 )),
             },
             Some(Inbound::Restart { module }) => self.operator_restart(&module, fx),
+            Some(Inbound::Trust) => self.trust_offered(payload, fx),
             None => fx.push(Effect::Log(
                 Level::Debug,
                 format!("ignoring a message on {}", printable(topic)),
@@ -850,10 +945,12 @@ impl State {
                     offer,
                 } => {
                     let sha256 = offer.sha256;
+                    let epoch = self.trust_epoch;
                     let ticket = self.ticket(Pending::Evaluate {
                         module,
                         scope,
                         sha256,
+                        epoch,
                     });
                     fx.push(Effect::Verify { ticket, offer });
                 }
@@ -900,8 +997,18 @@ impl State {
         match self.pending.remove(&ticket) {
             Some(Pending::Evaluate {
                 module,
+                sha256,
+                epoch,
+                ..
+            }) if epoch != self.trust_epoch => {
+                // Verified under a trust document no longer in effect: again, under this one.
+                self.reevaluate(&module, sha256, now, fx);
+            }
+            Some(Pending::Evaluate {
+                module,
                 scope,
                 sha256,
+                ..
             }) => self.evaluated(module, scope, sha256, result, now, fx),
             Some(Pending::Peek {
                 module,
@@ -985,6 +1092,7 @@ impl State {
             wasm,
             prepared,
             check_record,
+            trust_version,
         } = *checked;
         match (manifest.action, wasm, prepared) {
             (BundleAction::Remove, _, _) => {
@@ -1009,6 +1117,7 @@ impl State {
                     StoreOp::Remove {
                         seq: manifest.seq,
                         bundle_sha256: sha256,
+                        issued_at: manifest.issued_at,
                         events: vec![e],
                     },
                     fx,
@@ -1034,6 +1143,7 @@ impl State {
                     ));
                 }
                 let caps = Box::new(manifest.caps.clone());
+                let epoch = self.trust_epoch;
                 self.store(
                     &module,
                     Pending::Install {
@@ -1041,6 +1151,7 @@ impl State {
                         sha256,
                         prepared,
                         caps,
+                        epoch,
                     },
                     StoreOp::Install {
                         manifest: Box::new(manifest),
@@ -1048,6 +1159,7 @@ impl State {
                         wasm,
                         bundle_sha256: sha256,
                         check_record,
+                        trust_version,
                         events,
                     },
                     fx,
@@ -1139,6 +1251,7 @@ impl State {
                     sha256,
                     prepared,
                     caps,
+                    ..
                 },
                 Stored::Record(record),
             ) => {
@@ -1237,6 +1350,15 @@ impl State {
             self.shutdown(now, fx);
         }
         match pending {
+            Pending::Install {
+                module,
+                sha256,
+                epoch,
+                ..
+            } if epoch != self.trust_epoch && !failure.broken => {
+                // A trust document came into effect after the bundle was verified.
+                self.reevaluate(&module, sha256, now, fx);
+            }
             Pending::Install { module, sha256, .. } | Pending::Remove { module, sha256, .. } => {
                 let e = self.event(
                     EventKind::Rejected,
@@ -1752,6 +1874,15 @@ impl State {
                 let e = self.event(EventKind::Restarted, module, None, Some(seq), None, fx);
                 self.push_events(vec![e], fx);
             }
+            Phase::Stopped { .. } if matches!(slot.record.state, InstallState::Revoked { .. }) => {
+                let seq = slot.manifest().seq;
+                let reason = format!(
+                    "restart refused: {}; a bundle signed by a valid key replaces it",
+                    slot.last_error.clone().unwrap_or_default()
+                );
+                let e = self.event(EventKind::Failed, module, None, Some(seq), Some(reason), fx);
+                self.push_events(vec![e], fx);
+            }
             Phase::Stopped { .. } => {
                 // A version that failed its probation never passed one: it restarts on
                 // probation. A quarantined or stopped one restarts as it was.
@@ -1838,6 +1969,9 @@ impl State {
                  may be using this device's client id"
                     .to_string()
             }),
+            trust_version: self.trust.map(|t| t.version),
+            trust_note: self.trust_note(now),
+            clock_behind_s: self.clock_behind_s(now),
         }
     }
 
@@ -1846,6 +1980,7 @@ impl State {
             .values()
             .map(|s| {
                 let state = match (&s.record.state, &s.phase) {
+                    (InstallState::Revoked { .. }, Phase::Stopped { .. }) => ModuleState::Revoked,
                     (InstallState::Quarantined { .. }, _) => ModuleState::Quarantined,
                     (InstallState::Failed { .. }, Phase::Stopped { .. }) => ModuleState::Failed,
                     (_, Phase::Running { .. }) => ModuleState::Running,
@@ -1943,6 +2078,12 @@ impl State {
         if new.mqtt != old.mqtt {
             needs_restart.push("mqtt");
             new.mqtt = old.mqtt.clone();
+        }
+        if new.trust != old.trust || (new.trust.is_some() && new.trusted_keys != old.trusted_keys) {
+            // The roots and the mode are provisioned; the trust document is what changes.
+            needs_restart.push("trust");
+            new.trust.clone_from(&old.trust);
+            new.trusted_keys.clone_from(&old.trusted_keys);
         }
         if new.hardware != old.hardware {
             needs_restart.push("hardware");
@@ -2079,6 +2220,8 @@ impl State {
         }
     }
 }
+
+mod trust;
 
 #[cfg(test)]
 mod tests;

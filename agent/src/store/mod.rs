@@ -73,6 +73,7 @@
 
 mod files;
 mod kv;
+mod trust;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -96,6 +97,7 @@ use crate::core::manifest::{Action, Manifest, Sha256, is_valid_module_name};
 use crate::core::protocol::Event;
 
 pub use kv::SledKv;
+pub use trust::{StoredTrust, TrustApplied, TrustChange};
 
 /// The schema version this agent writes and reads. A store with a newer one is refused.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -237,6 +239,16 @@ pub enum StoreError {
         /// The failure that left the store in this state.
         cause: String,
     },
+    /// A trust document at or below the version in effect.
+    #[error(
+        "store: trust document version {version} is not above the version in effect, {current}"
+    )]
+    TrustNotNewer {
+        /// The document's.
+        version: u64,
+        /// The stored one.
+        current: u64,
+    },
     /// Not a well-formed module name (it would not make a safe tree name).
     #[error("store: {module:?} is not a valid module name")]
     BadName {
@@ -282,6 +294,12 @@ pub enum InstallState {
     Failed {
         /// Why.
         cause: String,
+    },
+    /// Stopped because the trust document in effect revokes the key that signed it; runs
+    /// again only when a bundle under a valid key replaces it.
+    Revoked {
+        /// The revoked key id, 16 hex digits.
+        key_id: String,
     },
 }
 
@@ -335,6 +353,9 @@ pub struct Store {
     checked: sled::Tree,
     /// Events the full outbox dropped, as recorded in `meta`.
     outbox_dropped: AtomicU64,
+    /// The trust version and the time floor, as recorded in `meta` (`trust.rs`).
+    trust_version: AtomicU64,
+    time_floor: AtomicU64,
     blobs: files::BlobDir,
     /// Held by every change, so a blob file is never deleted while another change needs it.
     writer: Mutex<()>,
@@ -444,12 +465,15 @@ impl Store {
             outbox,
             checked,
             outbox_dropped: AtomicU64::new(0),
+            trust_version: AtomicU64::new(0),
+            time_floor: AtomicU64::new(0),
             blobs,
             writer: Mutex::new(()),
             broken: OnceLock::new(),
         };
         store.check_schema()?;
         store.clean_up()?;
+        store.load_trust_cache()?;
         Ok(store)
     }
 
