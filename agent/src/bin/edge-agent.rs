@@ -67,6 +67,14 @@ fn agent(cli: Cli) -> anyhow::Result<()> {
         .config
         .context("no configuration: pass --config FILE or set EDGE_AGENT_CONFIG")?;
     let config = Config::load(&path)?;
+    if let Some(offset) = std::env::var_os("EDGE_AGENT_CLOCK_OFFSET_S") {
+        let offset: i64 = offset
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .context("EDGE_AGENT_CLOCK_OFFSET_S must be a whole number of seconds")?;
+        edge_agent::runtime::host::set_clock_offset_ms(offset.saturating_mul(1000));
+        tracing::warn!("the clock is shifted by {offset} s (EDGE_AGENT_CLOCK_OFFSET_S)");
+    }
     let store = Store::open(&config.state_dir, config.store.cache_capacity_bytes)
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
     // Threads are bounded (daemon::MAX_THREADS, the unit's TasksMax leaves room for them).

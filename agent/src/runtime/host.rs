@@ -30,11 +30,24 @@ pub trait Clock: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
+/// Milliseconds added to the system clock's reading ([`set_clock_offset_ms`]).
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Shifts what [`SystemClock`] reads for the whole process: `edge-agent` sets it from
+/// `EDGE_AGENT_CLOCK_OFFSET_S`, so that a test can run an agent whose clock is wrong (a board
+/// without a real-time clock that booted at 1970) without changing the machine's clock.
+pub fn set_clock_offset_ms(offset: i64) {
+    CLOCK_OFFSET_MS.store(offset, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        std::time::SystemTime::now()
+        let real = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let shifted =
+            real.saturating_add(CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed));
+        u64::try_from(shifted).unwrap_or(0)
     }
 }
 

@@ -24,6 +24,11 @@ pub struct AgentSetup {
     pub probation_ticks: u32,
     /// More TOML, appended to the configuration (tables only).
     pub extra: String,
+    /// Trust-document mode: `[trust]` with these root key files and threshold instead of
+    /// `trusted_keys`.
+    pub trust: Option<(Vec<PathBuf>, u64)>,
+    /// Environment variables for the agent process.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentSetup {
@@ -37,7 +42,21 @@ impl AgentSetup {
             keep_alive_s: 5,
             probation_ticks: 2,
             extra: String::new(),
+            trust: None,
+            env: Vec::new(),
         }
+    }
+
+    /// In trust-document mode with these roots.
+    pub fn trust_roots(mut self, roots: &[PathBuf], threshold: u64) -> AgentSetup {
+        self.trust = Some((roots.to_vec(), threshold));
+        self
+    }
+
+    /// With an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> AgentSetup {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// With more configuration (TOML tables).
@@ -71,6 +90,7 @@ pub struct Agent {
     log: PathBuf,
     child: Option<Child>,
     starts: u32,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -86,12 +106,15 @@ impl Agent {
         let dir = tempdir();
         let config = dir.path().join("agent.toml");
         let groups: Vec<String> = setup.groups.iter().map(|g| format!("{g:?}")).collect();
+        let trusted = match &setup.trust {
+            Some(_) => String::new(),
+            None => format!("{:?}", operator.pub_file.display().to_string()),
+        };
         let mut text = format!(
-            "device_id = {:?}\ngroups = [{}]\nstate_dir = \"state\"\ntrusted_keys = [{:?}]\n\n\
+            "device_id = {:?}\ngroups = [{}]\nstate_dir = \"state\"\ntrusted_keys = [{trusted}]\n\n\
              [mqtt]\nurl = {:?}\nkeep_alive_s = {}\nreconnect_min_ms = 50\nreconnect_max_ms = 300\n",
             setup.device,
             groups.join(", "),
-            operator.pub_file.display().to_string(),
             setup.url,
             setup.keep_alive_s,
         );
@@ -107,6 +130,16 @@ impl Agent {
             "\n[agent]\nstatus_interval_s = 1\nprobation_ticks = {}\nmax_concurrent_calls = 2\n",
             setup.probation_ticks
         ));
+        if let Some((roots, threshold)) = &setup.trust {
+            let roots: Vec<String> = roots
+                .iter()
+                .map(|r| format!("{:?}", r.display().to_string()))
+                .collect();
+            text.push_str(&format!(
+                "\n[trust]\nroots = [{}]\nthreshold = {threshold}\n",
+                roots.join(", ")
+            ));
+        }
         text.push_str(&setup.extra);
         fs::write(&config, text).unwrap();
         Agent {
@@ -117,6 +150,7 @@ impl Agent {
             _dir: dir,
             child: None,
             starts: 0,
+            env: setup.env.clone(),
         }
     }
 
@@ -140,6 +174,7 @@ impl Agent {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("EDGE_AGENT_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
