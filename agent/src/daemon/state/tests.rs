@@ -76,7 +76,12 @@ fn record(name: &str, seq: u64, state: InstallState, previous: Option<u64>) -> M
 
 /// A state started with `records`, connected, its boot-time compiles answered.
 fn booted(records: Vec<ModuleRecord>) -> (State, Vec<Effect>) {
-    let (mut s, fx) = State::new(config(), records, Vec::new(), at(0)).unwrap();
+    booted_with(config(), records)
+}
+
+/// The same, with `config`.
+fn booted_with(config: Config, records: Vec<ModuleRecord>) -> (State, Vec<Effect>) {
+    let (mut s, fx) = State::new(config, records, Vec::new(), at(0)).unwrap();
     let mut all = fx;
     loop {
         let prepare = all.iter().find_map(|e| match e {
@@ -713,4 +718,155 @@ fn a_version_on_probation_that_cannot_be_instantiated_is_rolled_back() {
     probation_ended_by(RunState::Failed {
         cause: "instantiation failed".into(),
     });
+}
+
+// ---- trust-document mode ----
+
+/// The test configuration in trust-document mode.
+fn trust_config() -> Config {
+    Config::from_toml(
+        r#"
+device_id = "pi-1"
+groups = ["barn"]
+state_dir = "/nonexistent"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+[agent]
+status_interval_s = 10
+[trust]
+roots = ["/r1.pub", "/r2.pub"]
+threshold = 2
+"#,
+        std::path::Path::new("/"),
+    )
+    .unwrap()
+}
+
+fn trust_outcome(version: u64, changed: Vec<ModuleRecord>) -> Input {
+    let payload = crate::core::trust::TrustPayload {
+        version,
+        issued_at: 1,
+        expires_at: None,
+        keys: vec![],
+        revoked: vec![],
+        seq_resets: vec![],
+        roots: None,
+    };
+    Input::Trust {
+        ticket: 0,
+        result: Ok(Box::new(TrustOutcome {
+            policy: Arc::new(Policy::from_payload(&payload).unwrap()),
+            view: TrustView {
+                version,
+                expires_at: None,
+            },
+            changed,
+            events: vec![],
+        })),
+    }
+}
+
+/// Offers a trust document; returns the ticket of the `Effect::Trust` it asks for.
+fn offer_trust(s: &mut State, document: &[u8], now: Now) -> Option<u64> {
+    let fx = s.handle(
+        Input::Message {
+            topic: "edge/trust".into(),
+            payload: document.to_vec(),
+        },
+        now,
+    );
+    fx.iter().find_map(|e| match e {
+        Effect::Trust { ticket, .. } => Some(*ticket),
+        _ => None,
+    })
+}
+
+fn answered(input: Input, ticket: u64) -> Input {
+    match input {
+        Input::Trust { result, .. } => Input::Trust { ticket, result },
+        other => other,
+    }
+}
+
+#[test]
+fn a_revoking_document_stops_exactly_the_revoked_module_and_swaps_the_policy_first() {
+    let (mut s, _) = booted_with(
+        trust_config(),
+        vec![
+            record("a", 1, InstallState::Active, None),
+            record("b", 1, InstallState::Active, None),
+        ],
+    );
+    s.set_trust(Some(TrustView::default()), 0, None);
+    let (ra, rb) = (running(&s, "a").unwrap(), running(&s, "b").unwrap());
+    let ticket = offer_trust(&mut s, b"doc 2", at(1)).expect("the document is verified");
+    // The same bytes again while the first is being applied: nothing more is asked.
+    assert_eq!(offer_trust(&mut s, b"doc 2", at(1)), None);
+    let mut revoked = record("b", 1, InstallState::Active, None);
+    revoked.state = InstallState::Revoked {
+        key_id: "00".repeat(8),
+    };
+    let fx = s.handle(answered(trust_outcome(2, vec![revoked]), ticket), at(2));
+    assert!(
+        matches!(fx.first(), Some(Effect::Policy(p)) if p.version == 2),
+        "the policy goes first: {fx:?}"
+    );
+    assert_eq!(stopped(&fx), vec![rb]);
+    assert_eq!(running(&s, "a"), Some(ra));
+    let status = s.status(true, at(2));
+    assert_eq!(status.trust_version, Some(2));
+    let b = status.modules.iter().find(|m| m.name == "b").unwrap();
+    assert_eq!(b.state, ModuleState::Revoked);
+    // Its lines go to their safe state once its runner has ended.
+    let fx = s.handle(runner_state(rb, "b", RunState::Stopped), at(3));
+    assert_eq!(released(&fx), vec!["b".to_string()]);
+    // The document in effect, offered again (a reconnect): not evaluated again.
+    assert_eq!(offer_trust(&mut s, b"doc 2", at(4)), None);
+}
+
+#[test]
+fn a_bundle_verified_under_an_older_document_is_verified_again() {
+    let (mut s, _) = booted_with(trust_config(), vec![]);
+    s.set_trust(Some(TrustView::default()), 0, None);
+    let m = manifest("m", 1, &[]);
+    let fx = s.handle(
+        Input::Message {
+            topic: "edge/pi-1/desired/m".into(),
+            payload: b"bundle m 1".to_vec(),
+        },
+        at(1),
+    );
+    let first = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Verify { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .unwrap();
+    // A document comes into effect while the bundle is being verified.
+    let t = offer_trust(&mut s, b"doc 1", at(1)).unwrap();
+    s.handle(answered(trust_outcome(1, vec![]), t), at(2));
+    let fx = s.handle(
+        Input::Verified {
+            ticket: first,
+            result: Ok(Box::new(Checked {
+                manifest: m.clone(),
+                key_id: KeyId([0; 8]),
+                wasm: Some(Arc::from(&b"wasm"[..])),
+                prepared: Some(prepared("m")),
+                check_record: None,
+                trust_version: 0,
+            })),
+        },
+        at(3),
+    );
+    assert!(
+        store_op(&fx, |op| matches!(op, StoreOp::Install { .. })).is_none(),
+        "not installed under the old document: {fx:?}"
+    );
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Verify { .. } | Effect::Refetch { .. })),
+        "verified again: {fx:?}"
+    );
 }
