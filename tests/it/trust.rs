@@ -672,3 +672,32 @@ fn a_fleet_of_ten_agents_takes_a_rotation_and_a_revocation() {
         v3.len()
     );
 }
+
+#[test]
+fn on_the_shipped_fleet_broker_devices_read_the_trust_document_and_cannot_write_it() {
+    let certs = Certs::new();
+    let broker = Mosquitto::start_fleet(&certs);
+    let fleet = Fleet::new();
+    let op = Operator::new(1);
+    let ops = Observer::connect_tls(&broker.url(), &certs.ca, &certs.client("ops-alice"));
+    let setup = fleet
+        .setup("dev-a", &broker.url())
+        .tls(&certs.ca, certs.client("dev-a"));
+    let _agent = Agent::start(&setup, &op);
+    ops.status(0, "dev-a", "online", |s| s.online);
+    let a = key(1);
+    let m = ops.mark();
+    publish_trust(&ops, &sign(&doc(1, vec![grant(&a)], &[]), &[21, 22]));
+    trust_version(&ops, m, "dev-a", 1);
+    // Another device's certificate cannot replace the document (the ACL drops its publish),
+    // even with one that the roots signed.
+    let intruder = Observer::connect_tls(&broker.url(), &certs.ca, &certs.client("dev-b"));
+    intruder.publish(
+        &Topics::trust_document("edge"),
+        &sign(&doc(2, vec![], &[&a]), &[21, 22]),
+        true,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let s = ops.status(m, "dev-a", "still at version 1", |s| s.online);
+    assert_eq!(s.trust_version, Some(1), "{s:?}");
+}

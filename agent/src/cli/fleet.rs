@@ -387,6 +387,22 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             String::new()
         }
     )?;
+    if let Some(version) = s.trust_version {
+        let mut line = format!("trust document version {version}");
+        if let Some(note) = &s.trust_note {
+            line.push_str(&format!(": {}", printable(note)));
+        }
+        writeln!(out, "{line}")?;
+    }
+    if let Some(behind) = s.clock_behind_s {
+        writeln!(
+            out,
+            "clock {behind} s behind the newest signed time the device has seen (no RTC or NTP yet?)"
+        )?;
+    }
+    if let Some(note) = &s.broker_note {
+        writeln!(out, "broker: {}", printable(note))?;
+    }
     writeln!(
         out,
         "{:<20} {:<10} {:>5} {:<12} {:>8} {:>9} {:>10} {:>14} {:>9} {:>8}  DETAIL / LAST ERROR",
