@@ -101,6 +101,14 @@ pub fn parse_public_key(pem: &str) -> Result<VerifyingKey, KeyError> {
     Ok(key)
 }
 
+/// Whether `sig` is a valid strict Ed25519 signature of `msg` by `key` (`verify_strict`: no
+/// small-order components, canonical encodings). The one place the device binary verifies a
+/// signature, bundles and trust documents alike (one copy of the code, not one per caller).
+#[inline(never)]
+pub fn verify_strict(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> bool {
+    ed25519_dalek::Signature::from_slice(sig).is_ok_and(|sig| key.verify_strict(msg, &sig).is_ok())
+}
+
 /// The public keys a device accepts bundles from, by key id.
 #[derive(Debug, Clone, Default)]
 pub struct TrustSet {

@@ -15,18 +15,18 @@
 //! document itself may expire. Clock readings are the caller's (`max(system clock, time floor)`
 //! on a device).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use coset::cbor::Value;
 use coset::{
     CborSerializable as _, CoseSignBuilder, CoseSignatureBuilder, HeaderBuilder,
     TaggedCborSerializable as _, iana,
 };
-use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::cbor;
-use super::keys::{KEY_ID_LEN, KeyId};
+use super::keys::{self, KEY_ID_LEN, KeyId};
 use super::manifest::{LIST_MAX_LEN, NAME_MAX_LEN, SEQ_MAX, is_valid_id, is_valid_module_name};
 
 /// Largest trust document accepted, bytes.
@@ -172,26 +172,209 @@ impl TrustPayload {
         out
     }
 
-    /// Decodes a payload (bounded first); it must be in its canonical encoding.
+    /// Decodes a payload (bounded first); it must be in its canonical encoding: what
+    /// [`TrustPayload::to_cbor`] writes and nothing else (shortest heads, definite lengths, keys
+    /// in the order of the fields, absent and empty optional fields omitted, no other keys).
+    ///
+    /// Read through ciborium's `Value` (which the device binary has anyway for COSE) rather than
+    /// a serde decoder per type: that kept 40 KB out of the device binary.
     pub fn from_cbor(bytes: &[u8]) -> Result<TrustPayload, TrustError> {
         cbor::check(bytes, cbor::DOCUMENT).map_err(|e| TrustError::Payload(e.to_string()))?;
-        let mut rest = bytes;
-        let p: TrustPayload =
-            ciborium::from_reader(&mut rest).map_err(|e| TrustError::Payload(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(TrustError::Payload(format!(
-                "{} bytes after the payload",
-                rest.len()
-            )));
-        }
-        let canonical = p.to_cbor();
-        if canonical != bytes {
-            let at = canonical
-                .iter()
-                .zip(bytes)
-                .position(|(a, b)| a != b)
-                .unwrap_or(canonical.len().min(bytes.len()));
+        let value = Value::from_slice(bytes).map_err(|e| TrustError::Payload(format!("{e:?}")))?;
+        // Encoding the value again gives the same bytes only if every head was shortest and
+        // every length definite.
+        let again = value
+            .clone()
+            .to_vec()
+            .map_err(|e| TrustError::Payload(format!("{e:?}")))?;
+        if let Some(at) = first_difference(&again, bytes) {
             return Err(TrustError::NotCanonical { at });
+        }
+        wire::payload(value).map_err(TrustError::Payload)
+    }
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(at) => Some(at),
+        None if a.len() != b.len() => Some(a.len().min(b.len())),
+        None => None,
+    }
+}
+
+/// The payload read from a CBOR value, field by field, as `TrustPayload`'s serde encoding
+/// writes it.
+mod wire {
+    use coset::cbor::Value;
+
+    use super::{Fixed, KeyGrant, RootKeys, SeqReset, TrustPayload};
+
+    type Map = Vec<(Value, Value)>;
+
+    /// The entries of a map whose keys are some of `order`, in that order, each once.
+    fn fields(
+        value: Value,
+        what: &str,
+        order: &[&'static str],
+    ) -> Result<Vec<(usize, Value)>, String> {
+        let Value::Map(entries): Value = value else {
+            return Err(format!("{what} is not a map"));
+        };
+        let entries: Map = entries;
+        let mut out: Vec<(usize, Value)> = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            let Value::Text(k) = k else {
+                return Err(format!("{what} has a key that is not text"));
+            };
+            let i = order
+                .iter()
+                .position(|o| *o == k)
+                .ok_or_else(|| format!("{what} has an unknown key {k:?}"))?;
+            if out.last().is_some_and(|(last, _)| *last >= i) {
+                return Err(format!(
+                    "{what}: key {k:?} repeated or out of order (docs/protocol.md)"
+                ));
+            }
+            out.push((i, v));
+        }
+        Ok(out)
+    }
+
+    fn uint(v: Value, what: &str) -> Result<u64, String> {
+        match v {
+            Value::Integer(i) => u64::try_from(i).map_err(|_| format!("{what} is out of range")),
+            _ => Err(format!("{what} is not an unsigned integer")),
+        }
+    }
+
+    fn text(v: Value, what: &str) -> Result<String, String> {
+        match v {
+            Value::Text(t) => Ok(t),
+            _ => Err(format!("{what} is not text")),
+        }
+    }
+
+    fn bytes<const N: usize>(v: Value, what: &str) -> Result<Fixed<N>, String> {
+        match v {
+            Value::Bytes(b) => <[u8; N]>::try_from(b.as_slice())
+                .map(Fixed)
+                .map_err(|_| format!("{what} is {} bytes, not {N}", b.len())),
+            _ => Err(format!("{what} is not a byte string")),
+        }
+    }
+
+    /// An array; `omit_empty`: an empty one must have been left out.
+    fn array<T>(
+        v: Value,
+        what: &str,
+        omit_empty: bool,
+        item: impl Fn(Value) -> Result<T, String>,
+    ) -> Result<Vec<T>, String> {
+        match v {
+            Value::Array(items) if omit_empty && items.is_empty() => {
+                Err(format!("{what} is empty: an empty list is omitted"))
+            }
+            Value::Array(items) => items.into_iter().map(item).collect(),
+            _ => Err(format!("{what} is not an array")),
+        }
+    }
+
+    fn texts(v: Value, what: &str) -> Result<Vec<String>, String> {
+        array(v, what, false, |t| text(t, what))
+    }
+
+    fn grant(v: Value) -> Result<KeyGrant, String> {
+        let mut g = KeyGrant {
+            key: Fixed([0; 32]),
+            modules: None,
+            groups: None,
+            not_after: None,
+        };
+        let mut has_key = false;
+        for (i, v) in fields(v, "a key", &["key", "modules", "groups", "not_after"])? {
+            match i {
+                0 => {
+                    g.key = bytes(v, "a key's key")?;
+                    has_key = true;
+                }
+                1 => g.modules = Some(texts(v, "a key's modules")?),
+                2 => g.groups = Some(texts(v, "a key's groups")?),
+                _ => g.not_after = Some(uint(v, "a key's not_after")?),
+            }
+        }
+        if !has_key {
+            return Err("a key has no key".into());
+        }
+        Ok(g)
+    }
+
+    fn reset(v: Value) -> Result<SeqReset, String> {
+        let (mut module, mut seq) = (None, None);
+        for (i, v) in fields(v, "a seq reset", &["module", "seq"])? {
+            match i {
+                0 => module = Some(text(v, "a seq reset's module")?),
+                _ => seq = Some(uint(v, "a seq reset's seq")?),
+            }
+        }
+        match (module, seq) {
+            (Some(module), Some(seq)) => Ok(SeqReset { module, seq }),
+            _ => Err("a seq reset needs module and seq".into()),
+        }
+    }
+
+    fn roots(v: Value) -> Result<RootKeys, String> {
+        let (mut keys, mut threshold) = (None, None);
+        for (i, v) in fields(v, "roots", &["keys", "threshold"])? {
+            match i {
+                0 => keys = Some(array(v, "roots' keys", false, |k| bytes(k, "a root key"))?),
+                _ => threshold = Some(uint(v, "roots' threshold")?),
+            }
+        }
+        match (keys, threshold) {
+            (Some(keys), Some(threshold)) => Ok(RootKeys { keys, threshold }),
+            _ => Err("roots need keys and threshold".into()),
+        }
+    }
+
+    pub(super) fn payload(value: Value) -> Result<TrustPayload, String> {
+        let mut p = TrustPayload {
+            version: 0,
+            issued_at: 0,
+            expires_at: None,
+            keys: Vec::new(),
+            revoked: Vec::new(),
+            seq_resets: Vec::new(),
+            roots: None,
+        };
+        let (mut version, mut issued_at) = (false, false);
+        let order = [
+            "version",
+            "issued_at",
+            "expires_at",
+            "keys",
+            "revoked",
+            "seq_resets",
+            "roots",
+        ];
+        for (i, v) in fields(value, "the payload", &order)? {
+            match i {
+                0 => {
+                    p.version = uint(v, "version")?;
+                    version = true;
+                }
+                1 => {
+                    p.issued_at = uint(v, "issued_at")?;
+                    issued_at = true;
+                }
+                2 => p.expires_at = Some(uint(v, "expires_at")?),
+                3 => p.keys = array(v, "keys", true, grant)?,
+                4 => p.revoked = array(v, "revoked", true, |k| bytes(k, "a revoked key id"))?,
+                5 => p.seq_resets = array(v, "seq_resets", true, reset)?,
+                _ => p.roots = Some(roots(v)?),
+            }
+        }
+        if !version || !issued_at {
+            return Err("the payload needs version and issued_at".into());
         }
         Ok(p)
     }
@@ -200,7 +383,8 @@ impl TrustPayload {
 /// A set of root keys and how many of them must sign.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roots {
-    keys: BTreeMap<KeyId, VerifyingKey>,
+    /// In the order given; at most [`MAX_ROOTS`], so lists beat maps here (in code size too).
+    keys: Vec<(KeyId, VerifyingKey)>,
     threshold: usize,
 }
 
@@ -211,7 +395,7 @@ impl Roots {
         keys: impl IntoIterator<Item = VerifyingKey>,
         threshold: u64,
     ) -> Result<Roots, TrustError> {
-        let mut map = BTreeMap::new();
+        let mut map: Vec<(KeyId, VerifyingKey)> = Vec::new();
         for key in keys {
             let id = KeyId::of(&key);
             if key.is_weak() {
@@ -219,15 +403,13 @@ impl Roots {
                     "root {id} is a weak (small-order) key"
                 )));
             }
-            if map.insert(id, key).is_some() {
+            if map.iter().any(|(k, _)| *k == id) {
                 return Err(TrustError::BadRoots(format!("root {id} is listed twice")));
             }
-        }
-        if map.len() > MAX_ROOTS {
-            return Err(TrustError::BadRoots(format!(
-                "{} roots, more than {MAX_ROOTS}",
-                map.len()
-            )));
+            if map.len() == MAX_ROOTS {
+                return Err(TrustError::BadRoots(format!("more than {MAX_ROOTS} roots")));
+            }
+            map.push((id, key));
         }
         if threshold == 0 || threshold > map.len() as u64 {
             return Err(TrustError::BadRoots(format!(
@@ -254,7 +436,7 @@ impl Roots {
     /// The wire form.
     pub fn to_wire(&self) -> RootKeys {
         RootKeys {
-            keys: self.keys.values().map(|k| Fixed(k.to_bytes())).collect(),
+            keys: self.keys.iter().map(|(_, k)| Fixed(k.to_bytes())).collect(),
             threshold: self.threshold as u64,
         }
     }
@@ -266,18 +448,22 @@ impl Roots {
 
     /// The root key ids.
     pub fn ids(&self) -> impl Iterator<Item = &KeyId> {
-        self.keys.keys()
+        self.keys.iter().map(|(id, _)| id)
     }
 
     /// Whether `id` is one of them.
     pub fn contains(&self, id: &KeyId) -> bool {
-        self.keys.contains_key(id)
+        self.get(id).is_some()
+    }
+
+    fn get(&self, id: &KeyId) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|(k, _)| k == id).map(|(_, key)| key)
     }
 }
 
 impl fmt::Display for Roots {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<String> = self.keys.keys().map(KeyId::to_string).collect();
+        let ids: Vec<String> = self.ids().map(KeyId::to_string).collect();
         write!(f, "{} of [{}]", self.threshold, ids.join(", "))
     }
 }
@@ -381,8 +567,9 @@ pub struct Policy {
     pub issued_at: u64,
     /// When it expires.
     pub expires_at: Option<u64>,
-    keys: BTreeMap<KeyId, Grant>,
-    revoked: BTreeSet<KeyId>,
+    /// At most [`MAX_KEYS`] and [`MAX_REVOKED`]: looked up by a scan.
+    keys: Vec<(KeyId, Grant)>,
+    revoked: Vec<KeyId>,
     /// Seq floors the document resets.
     pub seq_resets: Vec<SeqReset>,
 }
@@ -410,8 +597,8 @@ impl Policy {
                 p.seq_resets.len()
             ));
         }
-        let revoked: BTreeSet<KeyId> = p.revoked.iter().map(|k| KeyId(k.0)).collect();
-        let mut keys = BTreeMap::new();
+        let revoked: Vec<KeyId> = p.revoked.iter().map(|k| KeyId(k.0)).collect();
+        let mut keys: Vec<(KeyId, Grant)> = Vec::with_capacity(p.keys.len());
         for grant in &p.keys {
             let key = public_key(&grant.key).map_err(TrustError::BadPolicy)?;
             let kid = KeyId::of(&key);
@@ -436,12 +623,12 @@ impl Policy {
                 groups: grant.groups.clone(),
                 not_after: grant.not_after,
             };
-            if keys.insert(kid, grant).is_some() {
+            if keys.iter().any(|(k, _)| *k == kid) {
                 return bad(format!("key {kid} is granted twice"));
             }
+            keys.push((kid, grant));
         }
-        let mut reset = BTreeSet::new();
-        for r in &p.seq_resets {
+        for (i, r) in p.seq_resets.iter().enumerate() {
             if !is_valid_module_name(&r.module) {
                 return bad(format!(
                     "seq reset: module name {:?} is not well formed",
@@ -451,7 +638,7 @@ impl Policy {
             if r.seq > SEQ_MAX {
                 return bad(format!("seq reset of {:?}: seq above 2^53", r.module));
             }
-            if !reset.insert(r.module.as_str()) {
+            if p.seq_resets[..i].iter().any(|o| o.module == r.module) {
                 return bad(format!("seq reset of {:?} listed twice", r.module));
             }
         }
@@ -488,7 +675,11 @@ impl Policy {
 
     /// The granted keys.
     pub fn grants(&self) -> impl Iterator<Item = (&KeyId, &Grant)> {
-        self.keys.iter()
+        self.keys.iter().map(|(k, g)| (k, g))
+    }
+
+    fn grant(&self, kid: &KeyId) -> Option<&Grant> {
+        self.keys.iter().find(|(k, _)| k == kid).map(|(_, g)| g)
     }
 
     /// The key a bundle names, if the document grants it and does not revoke it (the first
@@ -500,13 +691,10 @@ impl Policy {
                 version: self.version,
             });
         }
-        self.keys
-            .get(kid)
-            .map(|g| &g.key)
-            .ok_or(KeyRefusal::Unknown {
-                kid: *kid,
-                version: self.version,
-            })
+        self.grant(kid).map(|g| &g.key).ok_or(KeyRefusal::Unknown {
+            kid: *kid,
+            version: self.version,
+        })
     }
 
     /// Whether the document has expired at `now`.
@@ -532,7 +720,12 @@ impl Policy {
                 now,
             });
         }
-        let grant = &self.keys[kid];
+        let Some(grant) = self.grant(kid) else {
+            return Err(KeyRefusal::Unknown {
+                kid: *kid,
+                version: self.version,
+            });
+        };
         if let Some(patterns) = &grant.modules
             && !patterns.iter().any(|p| glob(p, module))
         {
@@ -738,19 +931,18 @@ fn parse(bytes: &[u8]) -> Result<coset::CoseSign, TrustError> {
     }
     cbor::check(bytes, ENVELOPE).map_err(|e| TrustError::Cose(e.to_string()))?;
     // Protected headers are CBOR inside byte strings: each is bounded before coset decodes it.
-    let envelope =
-        coset::cbor::Value::from_slice(bytes).map_err(|e| TrustError::Cose(format!("{e:?}")))?;
+    let envelope = Value::from_slice(bytes).map_err(|e| TrustError::Cose(format!("{e:?}")))?;
     let mut protected = Vec::new();
-    if let coset::cbor::Value::Tag(_, inner) = &envelope
-        && let coset::cbor::Value::Array(items) = inner.as_ref()
+    if let Value::Tag(_, inner) = &envelope
+        && let Value::Array(items) = inner.as_ref()
     {
-        if let Some(coset::cbor::Value::Bytes(b)) = items.first() {
+        if let Some(Value::Bytes(b)) = items.first() {
             protected.push(b.clone());
         }
-        if let Some(coset::cbor::Value::Array(sigs)) = items.get(3) {
+        if let Some(Value::Array(sigs)) = items.get(3) {
             for sig in sigs {
-                if let coset::cbor::Value::Array(parts) = sig
-                    && let Some(coset::cbor::Value::Bytes(b)) = parts.first()
+                if let Value::Array(parts) = sig
+                    && let Some(Value::Bytes(b)) = parts.first()
                 {
                     protected.push(b.clone());
                 }
@@ -790,8 +982,7 @@ fn signers(sign: &coset::CoseSign) -> Result<Vec<(usize, KeyId)>, TrustError> {
     if n == 0 || n > MAX_SIGNATURES {
         return Err(TrustError::SignatureCount(n));
     }
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::with_capacity(n);
+    let mut out: Vec<(usize, KeyId)> = Vec::with_capacity(n);
     for (i, sig) in sign.signatures.iter().enumerate() {
         if !sig.unprotected.is_empty() {
             return Err(headers(&format!(
@@ -816,7 +1007,7 @@ fn signers(sign: &coset::CoseSign) -> Result<Vec<(usize, KeyId)>, TrustError> {
                     "signature {i}: the kid must be {KEY_ID_LEN} bytes"
                 ))
             })?;
-        if !seen.insert(kid) {
+        if out.iter().any(|(_, k)| *k == kid) {
             return Err(TrustError::DuplicateSigner(kid));
         }
         out.push((i, kid));
@@ -829,8 +1020,8 @@ fn signers(sign: &coset::CoseSign) -> Result<Vec<(usize, KeyId)>, TrustError> {
 fn count(
     sign: &coset::CoseSign,
     signers: &[(usize, KeyId)],
-    roots: &BTreeMap<KeyId, VerifyingKey>,
-    valid: &mut BTreeSet<KeyId>,
+    roots: &Roots,
+    valid: &mut Vec<KeyId>,
 ) -> Result<usize, TrustError> {
     let mut n = 0;
     for (i, kid) in signers {
@@ -839,11 +1030,13 @@ fn count(
         };
         if !valid.contains(kid) {
             sign.verify_signature(*i, &[], |sig, tbs| {
-                let sig = Signature::from_slice(sig).map_err(|_| TrustError::BadSignature(*kid))?;
-                key.verify_strict(tbs, &sig)
-                    .map_err(|_| TrustError::BadSignature(*kid))
+                if keys::verify_strict(key, tbs, sig) {
+                    Ok(())
+                } else {
+                    Err(TrustError::BadSignature(*kid))
+                }
             })?;
-            valid.insert(*kid);
+            valid.push(*kid);
         }
         n += 1;
     }
@@ -856,8 +1049,8 @@ fn count(
 pub fn verify(bytes: &[u8], roots: &Roots, current: u64, now: u64) -> Result<Accepted, TrustError> {
     let sign = parse(bytes)?;
     let signers = signers(&sign)?;
-    let mut valid = BTreeSet::new();
-    let have = count(&sign, &signers, &roots.keys, &mut valid)?;
+    let mut valid = Vec::new();
+    let have = count(&sign, &signers, roots, &mut valid)?;
     if have < roots.threshold {
         return Err(TrustError::BelowThreshold {
             have,
@@ -890,7 +1083,7 @@ pub fn verify(bytes: &[u8], roots: &Roots, current: u64, now: u64) -> Result<Acc
     let (next, rotated) = match &payload.roots {
         Some(wire) => {
             let next = Roots::from_wire(wire)?;
-            let have = count(&sign, &signers, &next.keys, &mut valid)?;
+            let have = count(&sign, &signers, &next, &mut valid)?;
             if have < next.threshold {
                 return Err(TrustError::RotationBelowThreshold {
                     roots: next.to_string(),
@@ -906,7 +1099,7 @@ pub fn verify(bytes: &[u8], roots: &Roots, current: u64, now: u64) -> Result<Acc
         policy,
         roots: next,
         rotated,
-        signers: valid.into_iter().collect(),
+        signers: valid,
     })
 }
 
@@ -943,12 +1136,13 @@ pub fn sign(payload: &TrustPayload, keys: &[SigningKey]) -> Result<Vec<u8>, Trus
     let mut builder = CoseSignBuilder::new()
         .protected(body)
         .payload(payload.to_cbor());
-    let mut seen = BTreeSet::new();
+    let mut seen: Vec<KeyId> = Vec::new();
     for key in keys {
         let kid = KeyId::of(&key.verifying_key());
-        if !seen.insert(kid) {
+        if seen.contains(&kid) {
             return Err(TrustError::DuplicateSigner(kid));
         }
+        seen.push(kid);
         let protected = HeaderBuilder::new()
             .algorithm(iana::Algorithm::EdDSA)
             .key_id(kid.0.to_vec())

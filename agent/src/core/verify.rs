@@ -11,10 +11,10 @@
 use std::sync::Arc;
 
 use coset::iana;
-use ed25519_dalek::{Signature, VerifyingKey};
+use ed25519_dalek::VerifyingKey;
 
 use super::bundle::{self, ContainerError, DEFAULT_MAX_BUNDLE_BYTES};
-use super::keys::{KEY_ID_LEN, KeyId, TrustSet};
+use super::keys::{self, KEY_ID_LEN, KeyId, TrustSet};
 use super::manifest::{Action, Manifest, ManifestProblem, Sha256};
 use super::trust::{KeyRefusal, Policy};
 use crate::engine::{self, CheckError, CheckedWasm, WasmLimits};
@@ -509,8 +509,11 @@ impl Verifier {
         };
         let key = self.trust.key(&kid).map_err(|_| bad())?;
         sign1.verify_signature(&[], |sig, tbs| {
-            let sig = Signature::from_slice(sig).map_err(|_| bad())?;
-            key.verify_strict(tbs, &sig).map_err(|_| bad())
+            if keys::verify_strict(key, tbs, sig) {
+                Ok(())
+            } else {
+                Err(bad())
+            }
         })
     }
 

@@ -941,8 +941,7 @@ fn apply_trust_document(
         }
     };
     let policy = accepted.policy;
-    let revoked: std::collections::BTreeSet<String> =
-        policy.revoked().map(ToString::to_string).collect();
+    let revoked: Vec<String> = policy.revoked().map(ToString::to_string).collect();
     let records = store.modules().map_err(|e| transient(e.to_string()))?;
     let signers: Vec<String> = accepted.signers.iter().map(ToString::to_string).collect();
     let mut summary = format!(

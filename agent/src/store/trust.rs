@@ -6,22 +6,21 @@
 //!   it was accepted; [`crate::core::trust::Policy::from_accepted`] reads it back).
 //! - `trust_version`: its version, u64 big-endian. Never lowered: a document at or below it is
 //!   refused, also after a restart.
-//! - `trust_roots`: CBOR [`RootKeys`], the roots in effect after the document (the configured
-//!   roots until a document rotates them).
+//! - `trust_roots`: the roots in effect after the document (the configured roots until a
+//!   document rotates them): the threshold, u64 big-endian, then each raw 32-byte public key.
 //! - `time_floor`: u64 big-endian unix seconds, the highest `issued_at` of any signed document
 //!   accepted (trust documents, and bundles that carry one).
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use sled::transaction::ConflictableTransactionError;
 
 use super::{
-    Deltas, InstallState, ModuleRecord, SeqRecord, Store, StoreError, decode, decode_meta_u64,
-    encode, tx_meta_u64, tx_push, tx_record, tx_seq,
+    Deltas, InstallState, ModuleRecord, SeqRecord, Store, StoreError, decode_meta_u64, encode,
+    tx_meta_u64, tx_push, tx_record, tx_seq,
 };
 use crate::core::protocol::Event;
-use crate::core::trust::RootKeys;
+use crate::core::trust::{Fixed, RootKeys};
 
 const DOCUMENT_KEY: &[u8] = b"trust_document";
 const VERSION_KEY: &[u8] = b"trust_version";
@@ -52,7 +51,7 @@ pub struct TrustChange {
     pub issued_at: u64,
     /// Revoked key ids, as 16 hex digits: a current version they signed is set to
     /// [`InstallState::Revoked`]; a previous version they signed is no longer a rollback target.
-    pub revoked: BTreeSet<String>,
+    pub revoked: Vec<String>,
     /// Seq floors to lower: (module, seq).
     pub seq_resets: Vec<(String, u64)>,
 }
@@ -86,7 +85,7 @@ impl Store {
         Ok(Some(StoredTrust {
             document: document.to_vec(),
             version: decode_meta_u64(VERSION_KEY, &version)?,
-            roots: decode(&roots, || "the trust roots".into())?,
+            roots: decode_roots(&roots)?,
         }))
     }
 
@@ -150,7 +149,7 @@ impl Store {
             }
             t.meta.insert(DOCUMENT_KEY, change.document.as_slice())?;
             t.meta.insert(VERSION_KEY, &change.version.to_be_bytes())?;
-            t.meta.insert(ROOTS_KEY, encode(&change.roots))?;
+            t.meta.insert(ROOTS_KEY, encode_roots(&change.roots))?;
             let floor = tx_meta_u64(t.meta, FLOOR_KEY)?
                 .unwrap_or(0)
                 .max(change.issued_at);
@@ -231,4 +230,31 @@ impl Store {
         self.time_floor.store(read(FLOOR_KEY)?, Ordering::Release);
         Ok(())
     }
+}
+
+fn encode_roots(roots: &RootKeys) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 32 * roots.keys.len());
+    out.extend_from_slice(&roots.threshold.to_be_bytes());
+    for k in &roots.keys {
+        out.extend_from_slice(&k.0);
+    }
+    out
+}
+
+fn decode_roots(bytes: &[u8]) -> Result<RootKeys, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: "the trust roots".into(),
+        reason: format!("{} bytes: not a threshold and 32-byte keys", bytes.len()),
+    };
+    let (threshold, keys) = bytes.split_first_chunk::<8>().ok_or_else(corrupt)?;
+    if keys.is_empty() || keys.len() % 32 != 0 {
+        return Err(corrupt());
+    }
+    Ok(RootKeys {
+        threshold: u64::from_be_bytes(*threshold),
+        keys: keys
+            .chunks_exact(32)
+            .map(|k| Fixed(<[u8; 32]>::try_from(k).unwrap_or([0; 32])))
+            .collect(),
+    })
 }

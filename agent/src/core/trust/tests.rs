@@ -287,3 +287,64 @@ fn a_bundle_signature_is_not_a_trust_document() {
     let b = crate::core::bundle::sign(m, Some(b"\0asm\x01\0\0\0"), &key(1), 1 << 20).unwrap();
     assert!(verify(&b, &roots(&[1], 1), 0, 0).is_err());
 }
+
+#[test]
+fn every_field_survives_signing_and_the_devices_reader() {
+    // edgectl encodes with serde, the device reads field by field: they must agree.
+    let mut p = payload(7);
+    p.expires_at = Some(9_000);
+    p.keys = vec![
+        KeyGrant {
+            modules: Some(vec!["sensor-*".into(), "blinky".into()]),
+            groups: Some(vec!["lab".into()]),
+            not_after: Some(8_000),
+            ..grant(10)
+        },
+        grant(11),
+    ];
+    p.revoked = vec![Fixed(kid(12).0), Fixed(kid(13).0)];
+    p.seq_resets = vec![SeqReset {
+        module: "sensor-a".into(),
+        seq: 41,
+    }];
+    p.roots = Some(roots(&[4, 5, 6], 2).to_wire());
+    assert_eq!(TrustPayload::from_cbor(&p.to_cbor()).unwrap(), p);
+    let a = verify(&signed(&p, &[1, 2, 4, 5]), &roots(&[1, 2, 3], 2), 0, 2_000).unwrap();
+    assert_eq!(a.policy.seq_resets, p.seq_resets);
+    assert!(a.policy.is_revoked(&kid(13)));
+    assert_eq!(
+        TrustPayload::from_cbor(&payload(1).to_cbor()).unwrap(),
+        payload(1)
+    );
+}
+
+#[test]
+fn keys_out_of_order_unknown_or_empty_lists_written_out_are_refused() {
+    use coset::cbor::Value;
+    let value = |p: &TrustPayload| Value::from_slice(&p.to_cbor()).unwrap();
+    let encode = |v: Value| v.to_vec().unwrap();
+    // version and issued_at swapped.
+    let Value::Map(mut m) = value(&payload(1)) else {
+        unreachable!()
+    };
+    m.swap(0, 1);
+    assert!(TrustPayload::from_cbor(&encode(Value::Map(m))).is_err());
+    // An unknown key.
+    let Value::Map(mut m) = value(&payload(1)) else {
+        unreachable!()
+    };
+    m.push((Value::Text("extra".into()), Value::Integer(1.into())));
+    assert!(TrustPayload::from_cbor(&encode(Value::Map(m))).is_err());
+    // An empty revoked list written out.
+    let Value::Map(mut m) = value(&payload(1)) else {
+        unreachable!()
+    };
+    m.push((Value::Text("revoked".into()), Value::Array(vec![])));
+    assert!(TrustPayload::from_cbor(&encode(Value::Map(m))).is_err());
+    // A negative version.
+    let Value::Map(mut m) = value(&payload(1)) else {
+        unreachable!()
+    };
+    m[0].1 = Value::Integer((-1).into());
+    assert!(TrustPayload::from_cbor(&encode(Value::Map(m))).is_err());
+}
