@@ -16,3 +16,4 @@ mod store;
 mod store_model;
 mod support;
 mod systemd;
+mod trust_doc;

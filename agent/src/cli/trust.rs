@@ -82,9 +82,12 @@ impl RootArgs {
             .iter()
             .map(|p| read_public_key(p))
             .collect::<Result<Vec<_>, _>>()?;
-        Roots::new(keys, threshold)
-            .map(Some)
-            .map_err(|e| CliError::Usage(format!("--root/--threshold: {e}")))
+        Roots::new(keys, threshold).map(Some).map_err(|e| {
+            CliError::Usage(match e {
+                trust::TrustError::BadRoots(why) => format!("--root/--threshold: {why}"),
+                e => format!("--root/--threshold: {e}"),
+            })
+        })
     }
 }
 
