@@ -357,6 +357,19 @@ fn inspect_with_a_trust_document_refuses_a_revoked_key() {
     );
     let new = f.bundle("sensor-b", "ops2");
     ok(f.inspect_as("v2.cbor", &["--device", "pi-1"], &new));
+
+    // The same by the key's file; listed once whichever way it is named.
+    let policy = format!(
+        "version = 3\nrevoked = [\"{}\"]\nrevoked_keys = [\"ops.key.pub\"]\n[[keys]]\npublic_key = \"ops2.key.pub\"\n",
+        f.ops
+    );
+    let (out, _) = ok(f.sign("v3", &policy, &["r2", "r3"]));
+    assert!(out.contains(&format!("revoked    {}\n", f.ops)), "{out}");
+    let err = fails(f.inspect_as("v3.cbor", &["--device", "pi-1"], &old));
+    assert!(
+        err.contains("is revoked by trust document version 3"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -135,8 +135,12 @@ struct PolicyFile {
     version: u64,
     #[serde(default)]
     expires_at: Option<u64>,
+    /// Key ids (16 hex digits).
     #[serde(default)]
     revoked: Vec<String>,
+    /// Public key files whose key ids are revoked too.
+    #[serde(default)]
+    revoked_keys: Vec<PathBuf>,
     #[serde(default)]
     keys: Vec<KeyEntry>,
     #[serde(default)]
@@ -185,18 +189,25 @@ fn read_policy(path: &Path, issued_at: u64) -> Result<TrustPayload, CliError> {
     let key = |p: &Path| -> Result<Fixed<32>, CliError> {
         Ok(Fixed(read_public_key(&base.join(p))?.to_bytes()))
     };
-    let revoked = file
-        .revoked
-        .iter()
-        .map(|r| {
-            parse_key_id(r).ok_or_else(|| {
-                bad(format!(
-                    "revoked: {:?} is not a key id (16 hex digits, as `edgectl keygen` prints)",
-                    printable(r)
-                ))
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut revoked = Vec::new();
+    for r in &file.revoked {
+        let id = parse_key_id(r).ok_or_else(|| {
+            bad(format!(
+                "revoked: {:?} is not a key id (16 hex digits, as `edgectl keygen` prints)",
+                printable(r)
+            ))
+        })?;
+        if !revoked.contains(&id) {
+            revoked.push(id);
+        }
+    }
+    for p in &file.revoked_keys {
+        let path = base.join(p);
+        let id = Fixed(KeyId::of(&read_public_key(&path)?).0);
+        if !revoked.contains(&id) {
+            revoked.push(id);
+        }
+    }
     let keys = file
         .keys
         .iter()
