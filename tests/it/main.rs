@@ -17,3 +17,4 @@ mod store_model;
 mod support;
 mod systemd;
 mod trust;
+mod trust_doc;

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::files::{self, FileError};
 use crate::core::bundle::SignError;
 use crate::core::keys::{self, KeyError, TrustSet};
+use crate::core::trust::TrustError;
 use crate::core::verify::VerifyError;
 use crate::mqtt;
 
@@ -40,6 +41,23 @@ pub enum CliError {
     /// Signing failed.
     #[error(transparent)]
     Sign(#[from] SignError),
+    /// A trust policy TOML file is malformed.
+    #[error("{path}: {reason}")]
+    TrustPolicy {
+        /// The policy file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A trust document is invalid, or could not be made from its policy.
+    #[error("{path}: {source}")]
+    Trust {
+        /// The document (or the policy it was to be signed from).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: TrustError,
+    },
     /// The bundle failed verification (or could not be read at all).
     #[error("{path}: {source}")]
     Invalid {
@@ -49,6 +67,9 @@ pub enum CliError {
         #[source]
         source: VerifyError,
     },
+    /// Arguments that do not make sense together (beyond what the parser checks).
+    #[error("{0}")]
+    Usage(String),
     /// A fleet command failed (broker, timeout, arguments).
     #[error(transparent)]
     Fleet(#[from] FleetError),
@@ -86,6 +107,15 @@ pub enum FleetError {
 pub fn read_private_key(path: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
     let text = files::read_text(path, SMALL_FILE_MAX)?;
     keys::parse_private_key(&text).map_err(|source| CliError::Key {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Reads a public key file (SubjectPublicKeyInfo PEM).
+pub fn read_public_key(path: &Path) -> Result<ed25519_dalek::VerifyingKey, CliError> {
+    let text = files::read_text(path, SMALL_FILE_MAX)?;
+    keys::parse_public_key(&text).map_err(|source| CliError::Key {
         path: path.to_path_buf(),
         source,
     })

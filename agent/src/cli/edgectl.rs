@@ -1,7 +1,9 @@
-//! `edgectl`, the operator's tool: keys, signing and inspecting bundles.
+//! `edgectl`, the operator's tool: keys, signing and inspecting bundles; the fleet commands are in
+//! `fleet.rs`, the trust document's in `trust.rs`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -10,10 +12,11 @@ use super::common::{
 };
 use super::files::{self, FileError};
 use super::fleet;
+use super::trust::{self, RootArgs, TrustCommand};
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
 use crate::core::keys::{self, KeyId};
-use crate::core::manifest::{Action, Manifest};
-use crate::core::verify::{self, Verifier};
+use crate::core::manifest::{Action, Manifest, is_valid_id};
+use crate::core::verify::{self, DeviceIdentity, Trust, Verifier};
 use crate::engine::WasmLimits;
 
 /// The operator's tool for an edge-agent fleet.
@@ -36,8 +39,12 @@ pub enum Command {
     },
     /// Sign a module (or a removal) into a bundle.
     Sign(SignArgs),
-    /// Print a bundle's manifest; with --trust, verify it and exit non-zero unless it is valid.
+    /// Print a bundle's manifest; with --trust (or --trust-doc), verify it and exit non-zero
+    /// unless it is valid.
     Inspect(InspectArgs),
+    /// The fleet's trust document: sign, inspect, publish.
+    #[command(subcommand)]
+    Trust(TrustCommand),
     /// Publish a signed bundle (retained) to a device's or a group's desired state.
     Deploy(fleet::DeployArgs),
     /// Sign a removal of a module and publish it (retained) in place of its bundle.
@@ -80,6 +87,25 @@ pub struct InspectArgs {
     /// A trusted public key (repeatable). With at least one, the bundle is verified.
     #[arg(long = "trust", value_name = "KEY.pub")]
     pub trust: Vec<PathBuf>,
+    /// A trust document: verify it under --root/--threshold, then the bundle as a device in
+    /// trust-document mode (with --device, --group) would.
+    #[arg(
+        long,
+        value_name = "TRUST.cbor",
+        conflicts_with = "trust",
+        requires_all = ["roots", "threshold"]
+    )]
+    pub trust_doc: Option<PathBuf>,
+    /// The devices' roots (with --trust-doc).
+    #[command(flatten)]
+    pub roots: RootArgs,
+    /// Verify as this device (with --trust-doc): its id is matched against the bundle's
+    /// `targets`. Without it, `targets` is not checked.
+    #[arg(long, requires = "trust_doc")]
+    pub device: Option<String>,
+    /// A group the device is in (repeatable; with --device).
+    #[arg(long = "group", value_name = "GROUP", requires = "device")]
+    pub groups: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -102,6 +128,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), Cl
         Command::Keygen { out: path } => keygen(&path, out),
         Command::Sign(args) => sign(&args, out, warn),
         Command::Inspect(args) => inspect(&args, out),
+        Command::Trust(cmd) => trust::run(cmd, out, warn),
         Command::Deploy(args) => rt()?.block_on(fleet::deploy(&args, out)),
         Command::Remove(args) => rt()?.block_on(fleet::remove(&args, out)),
         Command::Status(args) => rt()?.block_on(fleet::status(&args, out)),
@@ -194,34 +221,112 @@ fn sign(args: &SignArgs, out: &mut dyn Write, warn: &mut dyn Write) -> Result<()
 }
 
 fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if args.trust_doc.is_none() && (!args.roots.roots.is_empty() || args.roots.threshold.is_some())
+    {
+        return Err(CliError::Usage(
+            "--root and --threshold verify a trust document: give it with --trust-doc".into(),
+        ));
+    }
     let bytes = files::read_bounded(&args.bundle, args.max_bundle_bytes as u64)?;
     let invalid = |source| CliError::Invalid {
         path: args.bundle.clone(),
         source,
     };
-    let (manifest, kid, verified) = if args.trust.is_empty() {
-        let u = verify::read_unverified(&bytes, args.max_bundle_bytes).map_err(invalid)?;
-        (u.manifest, u.kid, false)
+    let mut document = None;
+    let verifier = if let Some(doc) = &args.trust_doc {
+        let Some(roots) = args.roots.read()? else {
+            return Err(CliError::Usage(
+                "--trust-doc needs the devices' roots: --root ROOT.pub (repeated) and --threshold"
+                    .into(),
+            ));
+        };
+        let device = match &args.device {
+            Some(id) => {
+                if let Some(bad) = std::iter::once(id)
+                    .chain(&args.groups)
+                    .find(|i| !is_valid_id(i))
+                {
+                    return Err(CliError::Usage(format!(
+                        "{bad:?} is not a device id or group name ([A-Za-z0-9._:-]{{1,128}})"
+                    )));
+                }
+                Some(DeviceIdentity {
+                    id: id.clone(),
+                    groups: args.groups.clone(),
+                })
+            }
+            None => None,
+        };
+        let (_, accepted) = trust::verify_file(doc, &roots)?;
+        document = Some((accepted.policy.version, device.clone()));
+        let v = Verifier::with_trust(
+            Trust::Document(Some(Arc::new(accepted.policy))),
+            WasmLimits::default(),
+        );
+        Some(match device {
+            Some(d) => v.for_device(d),
+            None => v,
+        })
+    } else if !args.trust.is_empty() {
+        Some(Verifier::new(
+            read_trust_set(&args.trust)?,
+            WasmLimits::default(),
+        ))
     } else {
-        let verifier = Verifier::new(read_trust_set(&args.trust)?, WasmLimits::default())
-            .with_max_bundle_bytes(args.max_bundle_bytes);
-        let v = verifier
-            .verify(&bytes, unix_now(), |_| None)
-            .map_err(invalid)?;
-        let kid = v.key_id().to_string();
-        (v.into_manifest(), kid, true)
+        None
+    };
+    let (manifest, kid, verified) = match verifier {
+        None => {
+            let u = verify::read_unverified(&bytes, args.max_bundle_bytes).map_err(invalid)?;
+            (u.manifest, u.kid, false)
+        }
+        Some(verifier) => {
+            let v = verifier
+                .with_max_bundle_bytes(args.max_bundle_bytes)
+                .verify(&bytes, unix_now(), |_| None)
+                .map_err(invalid)?;
+            let kid = v.key_id().to_string();
+            (v.into_manifest(), kid, true)
+        }
     };
     if args.json {
-        let report = serde_json::json!({
+        let mut report = serde_json::json!({
             "file": args.bundle.display().to_string(),
             "bytes": bytes.len(),
             "verified": verified,
             "key_id": kid,
             "manifest": manifest,
         });
+        if let Some((version, device)) = &document {
+            report["trust_document_version"] = (*version).into();
+            report["device"] = device.as_ref().map_or(
+                serde_json::Value::Null,
+                |d| serde_json::json!({ "id": d.id, "groups": d.groups }),
+            );
+        }
         writeln!(out, "{report:#}")?;
-    } else {
-        print_manifest(out, &args.bundle, bytes.len(), &manifest, &kid, verified)?;
+        return Ok(());
+    }
+    let signature = match (&document, verified) {
+        (Some((version, _)), _) => {
+            format!("valid, by key {kid}, granted by trust document version {version}")
+        }
+        (None, true) => format!("valid, by trusted key {kid}"),
+        (None, false) => format!("NOT CHECKED (no --trust given); claims key {kid}"),
+    };
+    print_manifest(out, &args.bundle, bytes.len(), &manifest, &signature)?;
+    if let Some((version, device)) = &document {
+        let who = match device {
+            Some(d) => format!(
+                "device {} in groups [{}]: it would accept this bundle",
+                d.id,
+                d.groups.join(",")
+            ),
+            None => "a device in no group (no --device: targets not checked): it would accept \
+                     this bundle"
+                .to_string(),
+        };
+        writeln!(out, "trust      trust document version {version}; as {who}")?;
     }
     Ok(())
 }
@@ -231,14 +336,8 @@ fn print_manifest(
     path: &Path,
     len: usize,
     m: &Manifest,
-    kid: &str,
-    verified: bool,
+    signature: &str,
 ) -> std::io::Result<()> {
-    let signature = if verified {
-        format!("valid, by trusted key {kid}")
-    } else {
-        format!("NOT CHECKED (no --trust given); claims key {kid}")
-    };
     writeln!(out, "bundle     {} ({len} bytes)", path.display())?;
     writeln!(out, "signature  {signature}")?;
     writeln!(out, "module     {} {}", m.name, m.version)?;

@@ -115,13 +115,15 @@ pub struct RestartArgs {
     module: String,
 }
 
-struct Session {
+/// A connection to the broker (also used by `cli/trust.rs`).
+pub(crate) struct Session {
     client: AsyncClient,
     eventloop: EventLoop,
     broker: String,
 }
 
-async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
+/// Connects to the broker and waits for its CONNACK, within `--connect-timeout`.
+pub(crate) async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
     let settings = ClientSettings {
         client_id: format!("edgectl-{}", random_suffix()),
         url: BrokerUrl::parse(&args.broker).map_err(FleetError::from)?,
@@ -174,7 +176,7 @@ impl Session {
     }
 
     /// Publishes and waits until the broker acknowledged it.
-    async fn publish(
+    pub(crate) async fn publish(
         &mut self,
         topic: String,
         retain: bool,

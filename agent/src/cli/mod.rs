@@ -8,3 +8,4 @@ pub mod fleet;
 pub mod log;
 pub mod report;
 pub mod run_module;
+pub mod trust;

@@ -31,8 +31,8 @@ use super::manifest::{LIST_MAX_LEN, NAME_MAX_LEN, SEQ_MAX, is_valid_id, is_valid
 
 /// Largest trust document accepted, bytes.
 pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
-/// Most signatures a document may carry (old and new roots together).
-pub const MAX_SIGNATURES: usize = 16;
+/// Most signatures a document may carry: every current and every new root of a rotation.
+pub const MAX_SIGNATURES: usize = 2 * MAX_ROOTS;
 /// Most keys in a root set.
 pub const MAX_ROOTS: usize = 16;
 /// Most signing keys a document may grant.
@@ -48,9 +48,14 @@ pub const CONTENT_TYPE: &str = "application/edge-trust+cbor";
 /// The envelope: a tag, an array of four, the body headers, and per signature an array of three
 /// with its headers. Each protected header is walked again on its own.
 const ENVELOPE: cbor::Bounds = cbor::Bounds {
-    max_items: 16 + 8 * MAX_SIGNATURES as u32,
+    max_items: 16 + 8 * 32,
     max_depth: 5,
 };
+
+const _: () = assert!(
+    MAX_SIGNATURES == 32,
+    "ENVELOPE's bound counts 8 items per signature"
+);
 
 /// A byte string of exactly `N` bytes in CBOR (hex in human-readable formats).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -419,7 +424,7 @@ impl Roots {
         }
         Ok(Roots {
             keys: map,
-            threshold: threshold as usize,
+            threshold: usize::try_from(threshold).unwrap_or(usize::MAX),
         })
     }
 
@@ -845,13 +850,15 @@ pub enum TrustError {
     BadSignature(KeyId),
     /// Fewer current roots signed than the threshold.
     #[error(
-        "trust document refused: signed by {have} of the current roots ({signers}), the threshold is {need}"
+        "trust document refused: signed by {have} of the current roots {roots} (signers: {signers}), the threshold is {need}"
     )]
     BelowThreshold {
         /// Valid root signatures.
         have: usize,
         /// The threshold.
         need: usize,
+        /// The current roots.
+        roots: String,
         /// Who signed, key ids.
         signers: String,
     },
@@ -1055,6 +1062,7 @@ pub fn verify(bytes: &[u8], roots: &Roots, current: u64, now: u64) -> Result<Acc
         return Err(TrustError::BelowThreshold {
             have,
             need: roots.threshold,
+            roots: roots.to_string(),
             signers: signers
                 .iter()
                 .map(|(_, k)| k.to_string())
