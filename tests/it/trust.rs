@@ -519,7 +519,7 @@ fn a_seq_poisoned_by_a_leaked_key_is_recovered_by_the_roots() {
         m,
         "pi-1",
         EventKind::TrustUpdated,
-        "seq floor of sensor-a reset to 5",
+        "seq floor of sensor-a lowered to 5",
     );
     let m = obs.mark();
     obs.deploy("pi-1", "sensor-a", &bundle(&good, "sensor-a", 6));

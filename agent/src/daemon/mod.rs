@@ -955,7 +955,10 @@ fn apply_trust_document(
         summary.push_str(&format!("; roots rotated to {}", accepted.roots));
     }
     for r in &policy.seq_resets {
-        summary.push_str(&format!("; seq floor of {} reset to {}", r.module, r.seq));
+        summary.push_str(&format!(
+            "; seq floor of {} lowered to {} if above",
+            r.module, r.seq
+        ));
     }
     let mut events = vec![event(EventKind::TrustUpdated, "", None, None, summary)];
     for r in records.iter().filter(|r| {
