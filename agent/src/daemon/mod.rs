@@ -533,6 +533,7 @@ impl Shell {
                         // The trust document changed after the bundle was verified (trust
                         // updates run on this worker too, so this check cannot race one).
                         StoreOp::Install { trust_version, .. }
+                        | StoreOp::Remove { trust_version, .. }
                             if *trust_version != store.trust_version() =>
                         {
                             Err(StoreFailure {
@@ -560,7 +561,16 @@ impl Shell {
                 };
                 let job: Job = Box::new(move || {
                     let result = apply_trust_document(&store, &roots, &document);
-                    Back::Input(Input::Trust { ticket, result })
+                    if store.is_broken() {
+                        // The change could not be made durable: the agent stops, as for any
+                        // store write that fails so.
+                        Back::Input(Input::StoreBroken(match result {
+                            Err(r) => r.reason,
+                            Ok(_) => "the store failed while applying a trust document".into(),
+                        }))
+                    } else {
+                        Back::Input(Input::Trust { ticket, result })
+                    }
                 });
                 let _ = self.store_jobs.send(job);
             }
@@ -876,6 +886,7 @@ fn store_op(store: &Store, module: &str, op: StoreOp) -> Result<(Stored, Vec<Eve
             seq,
             bundle_sha256,
             issued_at,
+            trust_version: _,
             events,
         } => {
             let (_, events) = store.remove(module, seq, bundle_sha256, &events)?;

@@ -141,6 +141,8 @@ pub enum StoreOp {
         bundle_sha256: Sha256,
         /// The bundle's `issued_at` (the time floor rises to it).
         issued_at: Option<u64>,
+        /// The trust version it was verified under (as for an install).
+        trust_version: u64,
         /// Events written with it.
         events: Vec<Event>,
     },
@@ -516,6 +518,7 @@ enum Pending {
     Remove {
         module: String,
         sha256: Sha256,
+        epoch: u64,
     },
     Module(String),
     Events,
@@ -1113,11 +1116,13 @@ impl State {
                     Pending::Remove {
                         module: module.clone(),
                         sha256,
+                        epoch: self.trust_epoch,
                     },
                     StoreOp::Remove {
                         seq: manifest.seq,
                         bundle_sha256: sha256,
                         issued_at: manifest.issued_at,
+                        trust_version,
                         events: vec![e],
                     },
                     fx,
@@ -1308,7 +1313,7 @@ impl State {
                 self.status_dirty = true;
                 self.act(next, now, fx);
             }
-            (Pending::Remove { module, sha256 }, _) => {
+            (Pending::Remove { module, sha256, .. }, _) => {
                 // Committed; then the runner is told to stop and its lines go to their safe
                 // state once it has ended. Nothing it publishes from now on is sent.
                 if let Some(slot) = self.slots.remove(&module) {
@@ -1355,6 +1360,11 @@ impl State {
                 sha256,
                 epoch,
                 ..
+            }
+            | Pending::Remove {
+                module,
+                sha256,
+                epoch,
             } if epoch != self.trust_epoch && !failure.broken => {
                 // A trust document came into effect after the bundle was verified.
                 self.reevaluate(&module, sha256, now, fx);
