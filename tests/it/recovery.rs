@@ -419,10 +419,10 @@ fn on_the_shipped_fleet_broker_one_device_cannot_take_anothers_session() {
 
 /// A tmpfs mounted over a directory for the life of the value (the tests run as root, in CI
 /// too: without the privilege to mount, the test fails saying so).
-struct Tmpfs(std::path::PathBuf);
+pub(crate) struct Tmpfs(std::path::PathBuf);
 
 impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(dir).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -448,7 +448,7 @@ impl Drop for Tmpfs {
 }
 
 /// Writes `path` until the filesystem is full.
-fn fill(path: &std::path::Path) {
+pub(crate) fn fill(path: &std::path::Path) {
     use std::io::Write as _;
     let mut f = std::fs::File::create(path).unwrap();
     let block = vec![0x5au8; 64 * 1024];

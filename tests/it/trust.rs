@@ -704,3 +704,56 @@ fn on_the_shipped_fleet_broker_devices_read_the_trust_document_and_cannot_write_
     let s = ops.status(m, "dev-a", "still at version 1", |s| s.online);
     assert_eq!(s.trust_version, Some(1), "{s:?}");
 }
+
+#[test]
+fn a_trust_document_that_cannot_be_written_leaves_the_old_one_and_a_restart_with_room_applies_it() {
+    let fleet = Fleet::new();
+    let broker = Mosquitto::start();
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let mut agent = Agent::configure(&fleet.setup("pi-1", &broker.url()), &op);
+    let _tmpfs = crate::recovery::Tmpfs::mount(agent.state_dir(), "32m");
+    agent.start_again();
+    obs.status(0, "pi-1", "online", |s| s.online);
+    let (a, b) = (key(1), key(2));
+    let m = obs.mark();
+    publish_trust(
+        &obs,
+        &sign(&doc(1, vec![grant(&a), grant(&b)], &[]), &[21, 22]),
+    );
+    trust_version(&obs, m, "pi-1", 1);
+    obs.deploy("pi-1", "sensor-b", &bundle(&b, "sensor-b", 1));
+    obs.running(m, "pi-1", "sensor-b", 1);
+    // The disk fills up; then version 2 revokes B.
+    let filler = agent.state_dir().join("filler");
+    crate::recovery::fill(&filler);
+    publish_trust(&obs, &sign(&doc(2, vec![grant(&a)], &[&b]), &[21, 22]));
+    // It cannot be made durable: the agent stops with an error rather than run on a store it
+    // cannot trust.
+    poll(Duration::from_secs(60), "the agent to stop", || {
+        (!agent.running()).then_some(())
+    });
+    let exit = agent.exited();
+    assert!(!exit.success(), "it stopped with an error: {exit}");
+    // Room again (sled cannot even open a full disk): the store holds the old document.
+    std::fs::remove_file(&filler).unwrap();
+    {
+        let store = agent.store();
+        assert_eq!(
+            store.trust().unwrap().unwrap().version,
+            1,
+            "the old document"
+        );
+        assert_eq!(
+            store.module("sensor-b").unwrap().unwrap().state,
+            InstallState::Active
+        );
+    }
+    // A restart: the retained version 2 is applied.
+    let m = obs.mark();
+    agent.start_again();
+    trust_version(&obs, m, "pi-1", 2);
+    obs.status(m, "pi-1", "sensor-b revoked", |s| {
+        module_in(s, "sensor-b").is_some_and(|x| x.state == ModuleState::Revoked)
+    });
+}
