@@ -2146,6 +2146,13 @@ impl State {
         fx.push(Effect::Reconfigure(Box::new(new)));
         fx.push(Effect::Log(Level::Info, "configuration reloaded".into()));
         // Bundles refused under the old configuration are evaluated again.
+        self.reconsider_refused(now, fx);
+        self.status_dirty = true;
+    }
+
+    /// Evaluates again every bundle the device refused (after something that decides
+    /// acceptance changed: trusted keys, the trust document).
+    fn reconsider_refused(&mut self, now: Now, fx: &mut Vec<Effect>) {
         let accepted: BTreeMap<String, Sha256> = self
             .slots
             .iter()
@@ -2153,7 +2160,6 @@ impl State {
             .collect();
         let actions = self.reconciler.reconsider(|m| accepted.get(m).copied());
         self.act(actions, now, fx);
-        self.status_dirty = true;
     }
 
     fn shutdown(&mut self, now: Now, fx: &mut Vec<Effect>) {

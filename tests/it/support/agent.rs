@@ -197,13 +197,7 @@ impl Agent {
 
     /// Starts the agent again after it exited by itself; returns how it had exited.
     pub fn restart_after_exit(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("the agent was started");
-        let exit = child
-            .try_wait()
-            .unwrap()
-            .expect("the agent has exited by itself");
-        let mut log = OpenOptions::new().append(true).open(&self.log).unwrap();
-        writeln!(log, "===== exited by itself: {exit} =====").unwrap();
+        let exit = self.exited();
         self.start_again();
         exit
     }

@@ -4,7 +4,6 @@
 //! ([`Effect::Policy`]) and has bundles refused under the old trust evaluated again. One
 //! document is handled at a time; the newest one offered meanwhile waits.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
@@ -96,13 +95,7 @@ impl State {
                     self.trust_changed(record, fx);
                 }
                 // Bundles refused under the old trust are evaluated again.
-                let accepted: BTreeMap<String, Sha256> = self
-                    .slots
-                    .iter()
-                    .map(|(n, s)| (n.clone(), s.record.current.bundle_sha256))
-                    .collect();
-                let actions = self.reconciler.reconsider(|m| accepted.get(m).copied());
-                self.act(actions, now, fx);
+                self.reconsider_refused(now, fx);
             }
             Err(refusal) => {
                 if refusal.permanent {
@@ -201,13 +194,7 @@ impl State {
             format!("module {module}: the trust document changed; verifying its bundle again"),
         ));
         self.reconciler.abandoned(module, sha256);
-        let accepted: BTreeMap<String, Sha256> = self
-            .slots
-            .iter()
-            .map(|(n, s)| (n.clone(), s.record.current.bundle_sha256))
-            .collect();
-        let actions = self.reconciler.reconsider(|m| accepted.get(m).copied());
-        self.act(actions, now, fx);
+        self.reconsider_refused(now, fx);
     }
 
     /// What the status says about trust: no document yet, or the one in effect expired.
