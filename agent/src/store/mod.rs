@@ -126,7 +126,7 @@ const WASM_DIR: &str = "wasm";
 const SLED_LOG: &str = "db";
 const SLED_SIDE_FILES: &str = "blobs";
 /// How long [`Store::open`] waits for the database lock.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -398,7 +398,7 @@ impl Store {
     /// interrupted operation can leave: blob files no record refers to and key-value trees of
     /// modules that are not installed. Fails with [`StoreError::Corrupt`] if a record does not
     /// decode. The directory is locked while the store (or a [`SledKv`] from it) is alive; a store
-    /// another process holds is refused ([`StoreError::Open`]) after a wait of two seconds.
+    /// another process holds is refused ([`StoreError::Open`]) after a wait of ten seconds.
     pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Store, StoreError> {
         let create = |path: &Path| {
             fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {

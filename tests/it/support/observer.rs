@@ -275,7 +275,12 @@ impl Observer {
     }
 
     fn lock(&self) -> MutexGuard<'_, Record> {
-        self.shared.record.lock().unwrap()
+        // A panic while the lock was held (a failed wait) poisons it; the record is still
+        // readable, and a second panic in `drop` would abort the whole test binary.
+        self.shared
+            .record
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits until the observer has (re)connected more than `connacks` times and is subscribed.
