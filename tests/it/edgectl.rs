@@ -1,6 +1,7 @@
 //! `edgectl keygen`, `sign` and `inspect`, run as an operator would run them, and how both
 //! binaries print a refusal: each reason once.
 
+use crate::support::edgectl::fails;
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
@@ -39,15 +40,6 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "edgectl succeeded unexpectedly: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stderr).unwrap()
 }
 
 /// A directory with a key pair `op.key`, `heartbeat.wasm`, `heartbeat.toml` and a signed

@@ -2,6 +2,7 @@
 //! `inspect --trust-doc` run as an operator runs them; a property test that no single changed
 //! byte of a signed document is accepted; the byte-by-byte example in docs/protocol.md.
 
+use crate::support::edgectl::fails;
 use std::fs;
 use std::path::Path;
 use std::process::Output;
@@ -35,15 +36,6 @@ fn ok(out: Output) -> (String, String) {
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
-}
-
-fn fails(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "edgectl succeeded unexpectedly: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stderr).unwrap()
 }
 
 /// Runs `edgectl keygen --out <name>.key` in `dir`; returns the key id it prints.

@@ -148,6 +148,16 @@ pub fn check(bytes: &[u8], bounds: Bounds) -> Result<(), CborError> {
     }
 }
 
+/// The offset of the first byte at which `a` and `b` differ, if they do (a canonical encoding
+/// checked against the bytes received).
+pub(crate) fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        Some(at) => Some(at),
+        None if a.len() != b.len() => Some(a.len().min(b.len())),
+        None => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

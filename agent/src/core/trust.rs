@@ -192,18 +192,10 @@ impl TrustPayload {
             .clone()
             .to_vec()
             .map_err(|e| TrustError::Payload(format!("{e:?}")))?;
-        if let Some(at) = first_difference(&again, bytes) {
+        if let Some(at) = cbor::first_difference(&again, bytes) {
             return Err(TrustError::NotCanonical { at });
         }
         wire::payload(value).map_err(TrustError::Payload)
-    }
-}
-
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    match a.iter().zip(b).position(|(x, y)| x != y) {
-        Some(at) => Some(at),
-        None if a.len() != b.len() => Some(a.len().min(b.len())),
-        None => None,
     }
 }
 

@@ -370,7 +370,7 @@ impl Verifier {
                 module: unverified(),
                 reason,
             })?;
-        if let Some(at) = first_difference(&manifest.to_cbor(), payload) {
+        if let Some(at) = super::cbor::first_difference(&manifest.to_cbor(), payload) {
             return Err(VerifyError::ManifestNotCanonical {
                 module: manifest.name,
                 at,
@@ -560,15 +560,6 @@ impl Verifier {
             });
         }
         Ok(checked)
-    }
-}
-
-/// The offset of the first byte at which `a` and `b` differ, if they do.
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    match a.iter().zip(b).position(|(x, y)| x != y) {
-        Some(at) => Some(at),
-        None if a.len() != b.len() => Some(a.len().min(b.len())),
-        None => None,
     }
 }
 

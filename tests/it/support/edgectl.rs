@@ -48,3 +48,13 @@ pub fn edgectl_ok(args: &[&str]) -> String {
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The stderr of an edgectl run that must have failed.
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "edgectl succeeded unexpectedly: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
