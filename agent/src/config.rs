@@ -82,6 +82,11 @@ pub struct MqttConfig {
     /// Longest reconnect delay, milliseconds.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_ms: u64,
+    /// The largest MQTT packet the broker passes (AWS IoT Core: 128 KiB). A chunked bundle
+    /// listing a chunk that could not fit is refused at once, and the agent publishes nothing
+    /// larger (telemetry above it is dropped and counted).
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
     /// TLS files for `mqtts://`: keys `ca_file`, `client_cert` and `client_key` of this table.
     #[serde(flatten)]
     pub tls: TlsFiles,
@@ -106,6 +111,9 @@ fn default_reconnect_min() -> u64 {
 fn default_reconnect_max() -> u64 {
     30_000
 }
+fn default_max_packet() -> usize {
+    crate::core::topics::DEFAULT_MAX_PACKET_BYTES
+}
 
 /// Agent behaviour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +130,9 @@ pub struct AgentConfig {
     /// Shortest time between two flushes that make key-value writes durable (each a store flush
     /// and an fsync, shared by every module that wrote meanwhile): bounds the fsyncs per second.
     pub kv_commit_interval_ms: u64,
+    /// A version being fetched in chunks that has received no chunk for this many seconds is
+    /// reported with a `fetch_stalled` event (the fetch goes on).
+    pub fetch_timeout_s: u64,
 }
 
 impl Default for AgentConfig {
@@ -132,6 +143,7 @@ impl Default for AgentConfig {
             status_interval_s: 30,
             max_concurrent_calls: 0,
             kv_commit_interval_ms: 50,
+            fetch_timeout_s: 300,
         }
     }
 }
@@ -301,6 +313,15 @@ impl Config {
             || self.mqtt.reconnect_min_ms > self.mqtt.reconnect_max_ms
         {
             return Err("mqtt: need 0 < reconnect_min_ms <= reconnect_max_ms".into());
+        }
+        if self.mqtt.max_packet_bytes < crate::core::topics::MIN_MAX_PACKET_BYTES {
+            return Err(format!(
+                "mqtt.max_packet_bytes must be at least {} (a broker that passes less cannot carry a status report)",
+                crate::core::topics::MIN_MAX_PACKET_BYTES
+            ));
+        }
+        if self.agent.fetch_timeout_s == 0 {
+            return Err("agent.fetch_timeout_s must be at least 1".into());
         }
         if self.mqtt.keep_alive_s < 5 {
             return Err("mqtt.keep_alive_s must be at least 5".into());

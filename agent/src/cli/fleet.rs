@@ -320,6 +320,7 @@ pub fn removal_manifest(target: &Target, module: &str, seq: u64) -> Manifest {
             groups: target.group.iter().cloned().collect(),
         }),
         issued_at: Some(unix_now()),
+        chunks: Vec::new(),
     }
 }
 

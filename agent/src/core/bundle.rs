@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! bundle = [ format: 1, cose_sign1: bstr .cbor COSE_Sign1_Tagged, wasm: bstr / null ]
+//!        / [ format: 2, cose_sign1: bstr .cbor COSE_Sign1_Tagged ]   ; Wasm in chunks
 //! ```
 //!
 //! Decoding is bounded and zero-copy: the input length is checked against the maximum bundle size
@@ -16,10 +17,12 @@ use ed25519_dalek::{Signer as _, SigningKey};
 
 use super::cbor;
 use super::keys::KeyId;
-use super::manifest::{Action, Manifest, ManifestProblem, Sha256, WasmRef};
+use super::manifest::{Action, ChunkRef, Manifest, ManifestProblem, Sha256, WasmRef};
 
-/// The container format version this code reads and writes.
+/// The container format version of a bundle that carries its Wasm (or none: a removal).
 pub const FORMAT_VERSION: u64 = 1;
+/// The container format version of an install whose Wasm travels in chunks: only the signed part.
+pub const FORMAT_CHUNKED: u64 = 2;
 /// Default maximum size of a whole bundle.
 pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 4 << 20;
 
@@ -28,8 +31,10 @@ pub const DEFAULT_MAX_BUNDLE_BYTES: usize = 4 << 20;
 pub struct RawBundle<'a> {
     /// The tagged COSE_Sign1 encoding.
     pub sign1: &'a [u8],
-    /// The Wasm bytes, for installs.
+    /// The Wasm bytes, for installs in one message.
     pub wasm: Option<&'a [u8]>,
+    /// Format 2: the Wasm travels in the chunks the manifest lists.
+    pub chunked: bool,
 }
 
 /// Why bytes are not a well-formed bundle container.
@@ -63,7 +68,7 @@ pub enum ContainerError {
     NotABundle(String),
     /// A container of another format version.
     #[error(
-        "bundle format version {0} is not supported (this agent reads version {FORMAT_VERSION})"
+        "bundle format version {0} is not supported (this agent reads versions {FORMAT_VERSION} and {FORMAT_CHUNKED})"
     )]
     UnsupportedFormat(u64),
     /// Bytes follow the container.
@@ -170,14 +175,9 @@ pub fn decode(bytes: &[u8], max_bundle_bytes: usize) -> Result<RawBundle<'_>, Co
         max: max_bundle_bytes,
     };
     let top = r.head("bundle array")?;
-    if top
-        != (Head {
-            major: MAJOR_ARRAY,
-            arg: 3,
-        })
-    {
+    if top.major != MAJOR_ARRAY || !(2..=3).contains(&top.arg) {
         return Err(ContainerError::NotABundle(
-            "expected a CBOR array of 3 items".into(),
+            "expected a CBOR array of 3 items (or 2, chunked)".into(),
         ));
     }
     let version = r.head("format version")?;
@@ -186,9 +186,18 @@ pub fn decode(bytes: &[u8], max_bundle_bytes: usize) -> Result<RawBundle<'_>, Co
             "format version is not an unsigned integer".into(),
         ));
     }
-    if version.arg != FORMAT_VERSION {
-        return Err(ContainerError::UnsupportedFormat(version.arg));
-    }
+    let chunked = match (version.arg, top.arg) {
+        (FORMAT_VERSION, 3) => false,
+        (FORMAT_CHUNKED, 2) => true,
+        (FORMAT_VERSION | FORMAT_CHUNKED, n) => {
+            return Err(ContainerError::NotABundle(format!(
+                "a format {} bundle is an array of {} items, not {n}",
+                version.arg,
+                if version.arg == FORMAT_VERSION { 3 } else { 2 }
+            )));
+        }
+        (other, _) => return Err(ContainerError::UnsupportedFormat(other)),
+    };
     let sign1_head = r.head("COSE_Sign1")?;
     if sign1_head.major != MAJOR_BYTES {
         return Err(ContainerError::NotABundle(
@@ -196,6 +205,16 @@ pub fn decode(bytes: &[u8], max_bundle_bytes: usize) -> Result<RawBundle<'_>, Co
         ));
     }
     let sign1 = r.bytes(sign1_head, "COSE_Sign1")?;
+    if chunked {
+        if r.remaining() != 0 {
+            return Err(ContainerError::TrailingBytes(r.remaining()));
+        }
+        return Ok(RawBundle {
+            sign1,
+            wasm: None,
+            chunked,
+        });
+    }
     let wasm_head = r.head("Wasm")?;
     let wasm = match wasm_head {
         Head {
@@ -214,7 +233,11 @@ pub fn decode(bytes: &[u8], max_bundle_bytes: usize) -> Result<RawBundle<'_>, Co
     if r.remaining() != 0 {
         return Err(ContainerError::TrailingBytes(r.remaining()));
     }
-    Ok(RawBundle { sign1, wasm })
+    Ok(RawBundle {
+        sign1,
+        wasm,
+        chunked,
+    })
 }
 
 fn push_head(out: &mut Vec<u8>, major: u8, arg: u64) {
@@ -237,6 +260,16 @@ fn push_head(out: &mut Vec<u8>, major: u8, arg: u64) {
             out.extend_from_slice(&arg.to_be_bytes());
         }
     }
+}
+
+/// Encodes the container of an install whose Wasm travels in chunks (format 2).
+pub fn encode_chunked(sign1: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + sign1.len());
+    push_head(&mut out, MAJOR_ARRAY, 2);
+    push_head(&mut out, MAJOR_UINT, FORMAT_CHUNKED);
+    push_head(&mut out, MAJOR_BYTES, sign1.len() as u64);
+    out.extend_from_slice(sign1);
+    out
 }
 
 /// Encodes a bundle container.
@@ -280,6 +313,14 @@ pub enum SignError {
         /// Maximum.
         max: usize,
     },
+    /// Chunk lengths that do not cut the Wasm.
+    #[error("module {module:?}: chunks: {reason}")]
+    Chunks {
+        /// Module name.
+        module: String,
+        /// Why.
+        reason: String,
+    },
     /// COSE encoding failed.
     #[error("module {module:?}: COSE encoding failed: {reason}")]
     Cose {
@@ -311,13 +352,61 @@ pub fn sign(
         manifest.limits = Default::default();
         manifest.caps = Default::default();
     }
+    manifest.chunks.clear();
+    let sign1 = sign1_of(&manifest, key)?;
+    let bundle = encode(&sign1, wasm);
+    if bundle.len() > max_bundle_bytes {
+        return Err(SignError::TooLarge {
+            module: manifest.name,
+            size: bundle.len(),
+            max: max_bundle_bytes,
+        });
+    }
+    Ok(bundle)
+}
+
+/// Signs an install whose Wasm travels in chunks: `lengths` cut `wasm` in order (they must add
+/// up to its length). Returns the signed part (a format 2 container) and the chunks' digests
+/// and lengths, in order.
+pub fn sign_chunked(
+    mut manifest: Manifest,
+    wasm: &[u8],
+    lengths: &[usize],
+    key: &SigningKey,
+) -> Result<(Vec<u8>, Vec<ChunkRef>), SignError> {
+    if manifest.action != Action::Install {
+        return Err(SignError::WasmUnexpected(manifest.name));
+    }
+    manifest.wasm = Some(WasmRef {
+        sha256: Sha256::of(wasm),
+        size: wasm.len() as u64,
+    });
+    let mut at = 0usize;
+    let mut chunks = Vec::with_capacity(lengths.len());
+    for &len in lengths {
+        let piece = wasm.get(at..at + len).ok_or_else(|| SignError::Chunks {
+            module: manifest.name.clone(),
+            reason: format!(
+                "the chunk lengths run past the {} bytes of Wasm",
+                wasm.len()
+            ),
+        })?;
+        chunks.push(ChunkRef(Sha256::of(piece), len as u64));
+        at += len;
+    }
+    manifest.chunks = chunks.clone();
+    let sign1 = sign1_of(&manifest, key)?;
+    Ok((encode_chunked(&sign1), chunks))
+}
+
+/// The tagged COSE_Sign1 over a checked manifest.
+fn sign1_of(manifest: &Manifest, key: &SigningKey) -> Result<Vec<u8>, SignError> {
     manifest.check()?;
     let kid = KeyId::of(&key.verifying_key());
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)
         .key_id(kid.0.to_vec())
         .build();
-    let name = manifest.name.clone();
     let sign1 = CoseSign1Builder::new()
         .protected(protected)
         .payload(manifest.to_cbor())
@@ -325,18 +414,10 @@ pub fn sign(
         .build()
         .to_tagged_vec()
         .map_err(|e| SignError::Cose {
-            module: name.clone(),
+            module: manifest.name.clone(),
             reason: e.to_string(),
         })?;
-    let bundle = encode(&sign1, wasm);
-    if bundle.len() > max_bundle_bytes {
-        return Err(SignError::TooLarge {
-            module: name,
-            size: bundle.len(),
-            max: max_bundle_bytes,
-        });
-    }
-    Ok(bundle)
+    Ok(sign1)
 }
 
 /// Parses the tagged COSE_Sign1 (structure only, nothing verified). The envelope and its
@@ -382,7 +463,23 @@ mod tests {
             (&b""[..], None),
         ] {
             let bytes = encode(sign1, wasm);
-            assert_eq!(decode(&bytes, usize::MAX), Ok(RawBundle { sign1, wasm }));
+            assert_eq!(
+                decode(&bytes, usize::MAX),
+                Ok(RawBundle {
+                    sign1,
+                    wasm,
+                    chunked: false
+                })
+            );
+            let bytes = encode_chunked(sign1);
+            assert_eq!(
+                decode(&bytes, usize::MAX),
+                Ok(RawBundle {
+                    sign1,
+                    wasm: None,
+                    chunked: true
+                })
+            );
         }
     }
 

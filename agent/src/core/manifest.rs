@@ -26,6 +26,10 @@ pub const WASM32_MEMORY_MAX: u64 = 1 << 32;
 /// good; the bound keeps 2^64 - 2^53 values above any accepted `seq`, and every `seq` exact in a
 /// double (JSON, JavaScript tooling).
 pub const SEQ_MAX: u64 = 1 << 53;
+/// Most chunks a manifest may list (3 CBOR items each: within the manifest's item bound).
+pub const CHUNKS_MAX: usize = 4096;
+/// Largest chunk a manifest may list: no broker packet limit that matters is above it.
+pub const CHUNK_MAX_BYTES: u64 = 1 << 20;
 
 /// What a bundle asks the device to do with the module it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -255,6 +259,27 @@ pub struct Manifest {
     /// bundle raises its time floor to it: expiry is judged by `max(clock, floor)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_at: Option<u64>,
+    /// The Wasm's content-defined chunks in order (installs delivered in chunks): each is
+    /// fetched from `<prefix>/chunk/<sha256>` and verified on arrival. Their sizes add up to
+    /// `wasm.size`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// One chunk of a module's Wasm: its SHA-256 and length. A two-item array in CBOR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkRef(pub Sha256, pub u64);
+
+impl ChunkRef {
+    /// The chunk's digest.
+    pub fn sha256(&self) -> Sha256 {
+        self.0
+    }
+
+    /// The chunk's length in bytes.
+    pub fn size(&self) -> u64 {
+        self.1
+    }
 }
 
 /// Why a manifest is not acceptable, before any signature or device state is considered.
@@ -302,6 +327,14 @@ pub enum ManifestProblem {
     /// A target is malformed.
     #[error("module {module:?}: targets: {reason}")]
     BadTargets {
+        /// Module name.
+        module: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The chunk list is malformed.
+    #[error("module {module:?}: chunks: {reason}")]
+    BadChunks {
         /// Module name.
         module: String,
         /// What is wrong.
@@ -444,7 +477,44 @@ impl Manifest {
             .map_err(|reason| ManifestProblem::BadTargets {
                 module: module(),
                 reason,
+            })?;
+        self.check_chunks()
+            .map_err(|reason| ManifestProblem::BadChunks {
+                module: module(),
+                reason,
             })
+    }
+
+    fn check_chunks(&self) -> Result<(), String> {
+        if self.chunks.is_empty() {
+            return Ok(());
+        }
+        let Some(wasm) = self.wasm.filter(|_| self.action == Action::Install) else {
+            return Err("only an install with a Wasm digest lists chunks".into());
+        };
+        if self.chunks.len() > CHUNKS_MAX {
+            return Err(format!(
+                "{} chunks, above the maximum of {CHUNKS_MAX}",
+                self.chunks.len()
+            ));
+        }
+        let mut total: u64 = 0;
+        for (i, c) in self.chunks.iter().enumerate() {
+            if c.size() == 0 || c.size() > CHUNK_MAX_BYTES {
+                return Err(format!(
+                    "chunk {i} is {} bytes: a chunk is 1 to {CHUNK_MAX_BYTES} bytes",
+                    c.size()
+                ));
+            }
+            total = total.saturating_add(c.size());
+        }
+        if total != wasm.size {
+            return Err(format!(
+                "the chunks add up to {total} bytes but the Wasm is {} bytes",
+                wasm.size
+            ));
+        }
+        Ok(())
     }
 
     fn check_limits(&self) -> Result<(), String> {

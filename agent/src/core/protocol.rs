@@ -21,6 +21,34 @@ pub enum ModuleState {
     /// Stopped: the trust document in effect revokes the key that signed it. Runs again only
     /// when a bundle under a valid key replaces it.
     Revoked,
+    /// Not installed yet: a version delivered in chunks is being fetched (see
+    /// [`ModuleStatus::fetch`]).
+    Fetching,
+}
+
+/// A version being fetched in chunks, as the status reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchStatus {
+    /// Its human version.
+    pub version: String,
+    /// Its sequence number.
+    pub seq: u64,
+    /// Chunks verified and staged (or found locally).
+    pub chunks_have: u64,
+    /// Chunks the manifest lists.
+    pub chunks_total: u64,
+    /// Bytes of the Wasm verified and staged.
+    pub bytes_have: u64,
+    /// The Wasm's size.
+    pub bytes_total: u64,
+    /// Bytes found in chunks the device already held (installed versions, an earlier transfer).
+    pub reused_bytes: u64,
+    /// Chunks that arrived with the wrong content or length and were refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunks_refused: u64,
+    /// Seconds since the last chunk arrived, when a `fetch_stalled` event was sent for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stalled_s: Option<u64>,
 }
 
 /// One module in the status report.
@@ -59,6 +87,14 @@ pub struct ModuleStatus {
     /// The last failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A newer version being fetched in chunks (the module's `state` is `fetching` when none is
+    /// installed yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchStatus>,
+    /// Bytes of the running version's Wasm that came from chunks the device already held when it
+    /// was installed (installs in chunks during this run of the agent only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_bytes: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -88,6 +124,9 @@ pub struct Status {
     /// Telemetry and log messages dropped because the broker was unreachable or slow.
     #[serde(default)]
     pub dropped_messages: u64,
+    /// Bytes of chunks received since the agent started (chunked delivery), refused ones too.
+    #[serde(default)]
+    pub fetched_bytes: u64,
     /// Something wrong with the broker connection worth an operator's look (a session that keeps
     /// being taken over by another client with this device's id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -134,6 +173,9 @@ pub enum EventKind {
     TrustRejected,
     /// A module was stopped because the trust document revokes the key that signed it.
     Revoked,
+    /// Chunks of a version being fetched have not arrived for `agent.fetch_timeout_s`; the
+    /// device keeps waiting for them, and what is installed keeps running.
+    FetchStalled,
 }
 
 impl EventKind {
@@ -152,6 +194,7 @@ impl EventKind {
             EventKind::TrustUpdated => "trust_updated",
             EventKind::TrustRejected => "trust_rejected",
             EventKind::Revoked => "revoked",
+            EventKind::FetchStalled => "fetch_stalled",
         }
     }
 }

@@ -6,6 +6,16 @@ use super::manifest::{is_valid_id, is_valid_module_name};
 
 /// The topic level that introduces group topics; no device may be called this.
 pub const GROUP_LEVEL: &str = "group";
+/// The topic level under which chunks of Wasm are retained (`<p>/chunk/<sha256>`); no device
+/// may be called this.
+pub const CHUNK_LEVEL: &str = "chunk";
+/// The default largest MQTT packet: what AWS IoT Core passes (128 KiB).
+pub const DEFAULT_MAX_PACKET_BYTES: usize = 128 << 10;
+/// The smallest packet limit the agent and edgectl work with.
+pub const MIN_MAX_PACKET_BYTES: usize = 4 << 10;
+/// Bytes of an MQTT PUBLISH packet besides its payload, with room to spare: fixed header (5),
+/// topic length (2) and topic (`<p>/chunk/<64 hex>`, prefixes up to ~150 bytes), packet id (2).
+pub const PUBLISH_OVERHEAD: usize = 256;
 
 /// Who a desired-state bundle is addressed to.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -41,6 +51,11 @@ pub enum Inbound {
     },
     /// The fleet's trust document (`<prefix>/trust`; only with [`Topics::with_trust_document`]).
     Trust,
+    /// A chunk of Wasm, retained under its digest (`<prefix>/chunk/<sha256 hex>`).
+    Chunk {
+        /// The digest the topic names.
+        sha256: super::manifest::Sha256,
+    },
 }
 
 /// Topic names for one device.
@@ -59,7 +74,9 @@ pub enum TopicError {
     #[error("topic prefix {0:?} must be one or more non-empty levels without + or #")]
     BadPrefix(String),
     /// The device id is not a valid single level, or is reserved.
-    #[error("device id {0:?} must match [A-Za-z0-9._:-]{{1,128}} and not be \"group\"")]
+    #[error(
+        "device id {0:?} must match [A-Za-z0-9._:-]{{1,128}} and not be \"group\" or \"chunk\""
+    )]
     BadDevice(String),
     /// A group name is not a valid single level.
     #[error("group {0:?} must match [A-Za-z0-9._:-]{{1,128}}")]
@@ -76,7 +93,7 @@ impl Topics {
         {
             return Err(TopicError::BadPrefix(prefix.into()));
         }
-        if !is_valid_id(device) || device == GROUP_LEVEL {
+        if !is_valid_id(device) || device == GROUP_LEVEL || device == CHUNK_LEVEL {
             return Err(TopicError::BadDevice(device.into()));
         }
         if let Some(g) = groups.iter().find(|g| !is_valid_id(g)) {
@@ -114,6 +131,17 @@ impl Topics {
     /// `<p>/trust`: the fleet's trust document (retained).
     pub fn trust_document(prefix: &str) -> String {
         format!("{prefix}/trust")
+    }
+
+    /// `<p>/chunk/<sha256 hex>`: a chunk of Wasm (retained), shared by every module, version and
+    /// device that uses it.
+    pub fn chunk(prefix: &str, sha256: &super::manifest::Sha256) -> String {
+        format!("{prefix}/{CHUNK_LEVEL}/{}", sha256.to_hex())
+    }
+
+    /// The prefix in use.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// `<p>/<device>/status` (retained; the last will sets it offline).
@@ -169,6 +197,20 @@ impl Topics {
         let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
         if self.trust && rest == "trust" {
             return Some(Inbound::Trust);
+        }
+        if let Some(hex) = rest
+            .strip_prefix(CHUNK_LEVEL)
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            // Lower-case hex only: the one spelling of a digest that a topic can carry.
+            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return None;
+            }
+            let mut sha = [0u8; 32];
+            hex::decode_to_slice(hex, &mut sha).ok()?;
+            return Some(Inbound::Chunk {
+                sha256: super::manifest::Sha256(sha),
+            });
         }
         let module_ok = |m: &str| is_valid_module_name(m).then(|| m.to_string());
         if let Some(rest) = rest

@@ -69,6 +69,12 @@ impl<'a> Verified<'a> {
     pub fn wasm_bytes(&self) -> Option<&'a [u8]> {
         self.wasm.map(|w| w.bytes())
     }
+
+    /// An install delivered in chunks whose Wasm has not been assembled yet: everything but the
+    /// Wasm is verified; [`Verifier::verify_assembled`] checks it once its chunks are in.
+    pub fn awaits_chunks(&self) -> bool {
+        self.wasm.is_none() && !self.manifest.chunks.is_empty()
+    }
 }
 
 /// Why a bundle is refused. Each reason is its own variant; `module` is the module's name, marked
@@ -175,6 +181,36 @@ pub enum VerifyError {
     /// A removal that carries Wasm.
     #[error("bundle for module {module:?}: refused: a removal must not carry a Wasm module")]
     WasmUnexpected {
+        /// Module name.
+        module: String,
+    },
+    /// The manifest declares more Wasm than a bundle may hold.
+    #[error(
+        "bundle for module {module:?}: refused: its Wasm is {size} bytes, above the maximum bundle size of {max} bytes"
+    )]
+    WasmTooLarge {
+        /// Module name.
+        module: String,
+        /// Declared size.
+        size: u64,
+        /// The maximum.
+        max: usize,
+    },
+    /// A chunk the manifest lists is not the bytes at its place in the Wasm.
+    #[error(
+        "bundle for module {module:?}: refused: chunk {index} of the manifest's list does not match the Wasm"
+    )]
+    ChunkMismatch {
+        /// Module name.
+        module: String,
+        /// The chunk's place in the list.
+        index: usize,
+    },
+    /// A chunked container whose manifest lists no chunks.
+    #[error(
+        "bundle for module {module:?}: refused: a chunked bundle (format 2) must be an install that lists its chunks"
+    )]
+    ChunksMissing {
         /// Module name.
         module: String,
     },
@@ -346,9 +382,34 @@ impl Verifier {
 
     /// Verifies `bytes` at clock reading `now_unix` (seconds). `installed_seq` is asked, with the
     /// verified module name, for the highest sequence number the device accepted for it before.
+    ///
+    /// A chunked bundle (format 2) passes with everything but its Wasm checked
+    /// ([`Verified::awaits_chunks`]).
     pub fn verify<'a>(
         &self,
         bytes: &'a [u8],
+        now_unix: u64,
+        installed_seq: impl FnOnce(&str) -> Option<u64>,
+    ) -> Result<Verified<'a>, VerifyError> {
+        self.verify_parts(bytes, None, now_unix, installed_seq)
+    }
+
+    /// Verifies a chunked bundle's signed part `bytes` with its Wasm assembled from the chunks:
+    /// every check [`Verifier::verify`] makes, the Wasm's included.
+    pub fn verify_assembled<'a>(
+        &self,
+        bytes: &'a [u8],
+        wasm: &'a [u8],
+        now_unix: u64,
+        installed_seq: impl FnOnce(&str) -> Option<u64>,
+    ) -> Result<Verified<'a>, VerifyError> {
+        self.verify_parts(bytes, Some(wasm), now_unix, installed_seq)
+    }
+
+    fn verify_parts<'a>(
+        &self,
+        bytes: &'a [u8],
+        assembled: Option<&'a [u8]>,
         now_unix: u64,
         installed_seq: impl FnOnce(&str) -> Option<u64>,
     ) -> Result<Verified<'a>, VerifyError> {
@@ -378,8 +439,23 @@ impl Verifier {
         }
         manifest.check()?;
         let module = || manifest.name.clone();
-        let wasm = match (manifest.action, raw.wasm, manifest.wasm) {
+        if raw.chunked && (manifest.action != Action::Install || manifest.chunks.is_empty()) {
+            return Err(VerifyError::ChunksMissing { module: module() });
+        }
+        if let Some(big) = manifest
+            .wasm
+            .filter(|w| w.size > self.max_bundle_bytes as u64)
+        {
+            return Err(VerifyError::WasmTooLarge {
+                module: module(),
+                size: big.size,
+                max: self.max_bundle_bytes,
+            });
+        }
+        let carried = if raw.chunked { assembled } else { raw.wasm };
+        let wasm = match (manifest.action, carried, manifest.wasm) {
             (Action::Install, Some(wasm), Some(_)) => Some(wasm),
+            (Action::Install, None, Some(_)) if raw.chunked => None,
             (Action::Install, _, _) => return Err(VerifyError::WasmMissing { module: module() }),
             (Action::Remove, None, None) => None,
             (Action::Remove, _, _) => {
@@ -539,6 +615,18 @@ impl Verifier {
                 declared: sha256,
                 actual,
             });
+        }
+        // The chunks add up to `size` (Manifest::check); each must be the bytes it names.
+        let mut at = 0usize;
+        for (index, c) in manifest.chunks.iter().enumerate() {
+            let len = usize::try_from(c.size()).unwrap_or(usize::MAX);
+            if wasm.get(at..at + len).map(Sha256::of) != Some(c.sha256()) {
+                return Err(VerifyError::ChunkMismatch {
+                    module: module(),
+                    index,
+                });
+            }
+            at += len;
         }
         let checked = engine::check(wasm, &self.limits).map_err(|e| match e {
             CheckError::NotWasm => VerifyError::NotWasm { module: module() },

@@ -932,6 +932,7 @@ impl State {
             },
             Some(Inbound::Restart { module }) => self.operator_restart(&module, fx),
             Some(Inbound::Trust) => self.trust_offered(payload, fx),
+            Some(Inbound::Chunk { sha256 }) => self.chunk_arrived(sha256, payload, now, fx),
             None => fx.push(Effect::Log(
                 Level::Debug,
                 format!("ignoring a message on {}", printable(topic)),
@@ -1974,6 +1975,7 @@ impl State {
             started_ms: self.started.wall_ms,
             modules: self.module_statuses(),
             dropped_messages: self.outbound.dropped,
+            fetched_bytes: 0,
             broker_note: self.session.flapping.then(|| {
                 "the broker keeps closing this session soon after it connects: another client \
                  may be using this device's client id"
@@ -2025,6 +2027,8 @@ impl State {
                     refused: s.stats.host.refused,
                     inbox_dropped: s.inbox_dropped,
                     last_error: s.last_error.clone(),
+                    fetch: None,
+                    reused_bytes: None,
                 }
             })
             .collect()
@@ -2237,6 +2241,7 @@ impl State {
     }
 }
 
+mod fetch;
 mod trust;
 
 #[cfg(test)]

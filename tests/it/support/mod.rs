@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod big_module;
 pub mod certs;
 pub mod edgectl;
 pub mod fixtures;
