@@ -527,8 +527,21 @@ mod tests {
     #[test]
     fn other_versions_and_trailing_bytes_are_refused() {
         assert_eq!(
+            decode(&[0x83, 0x03, 0x40, 0xf6], usize::MAX),
+            Err(ContainerError::UnsupportedFormat(3))
+        );
+        // Each known format has its own length: a format 2 with a Wasm slot, a format 1 without.
+        assert!(matches!(
             decode(&[0x83, 0x02, 0x40, 0xf6], usize::MAX),
-            Err(ContainerError::UnsupportedFormat(2))
+            Err(ContainerError::NotABundle(_))
+        ));
+        assert!(matches!(
+            decode(&[0x82, 0x01, 0x40], usize::MAX),
+            Err(ContainerError::NotABundle(_))
+        ));
+        assert_eq!(
+            decode(&[0x82, 0x02, 0x40, 0x00], usize::MAX),
+            Err(ContainerError::TrailingBytes(1))
         );
         assert_eq!(
             decode(&[0x83, 0x01, 0x40, 0xf6, 0x00], usize::MAX),

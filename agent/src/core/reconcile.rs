@@ -164,6 +164,13 @@ impl Reconciler {
         }
     }
 
+    /// The shell stopped working on `sha256` for `module` because it is no longer the offer to
+    /// evaluate (replaced or withdrawn meanwhile): what is on offer now is next.
+    pub fn cancelled(&mut self, module: &str, sha256: Sha256) -> Vec<Action> {
+        self.abandoned(module, sha256);
+        self.next(module)
+    }
+
     /// The configured groups changed: offers from groups the device left are dropped, the rest
     /// re-ranked by the new order (`rank` gives a group's new position, `None` if it is gone).
     pub fn regroup(&mut self, rank: impl Fn(&str) -> Option<usize>) {

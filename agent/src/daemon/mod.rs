@@ -28,7 +28,7 @@ use crate::core::keys::{self, TrustSet};
 use crate::core::manifest::{Action as BundleAction, Sha256};
 use crate::core::protocol::{Event, EventKind};
 use crate::core::trust::{self, Policy, Roots};
-use crate::core::verify::{DeviceIdentity, Trust, Verifier};
+use crate::core::verify::{DeviceIdentity, Trust, Verified, Verifier, VerifyError};
 use crate::hal::Board;
 use crate::mqtt::{self, BrokerUrl, ClientSettings};
 use crate::runtime::host::{Clock as _, SystemClock};
@@ -39,8 +39,8 @@ use crate::runtime::{InstallError, PreparedModule, Runtime};
 use crate::store::{Store, StoreError, StoredVersion};
 
 use state::{
-    Checked, Level, Qos, Rejection, State, StoreFailure, StoreOp, Stored, TrustOutcome,
-    TrustRefusal, TrustView,
+    Checked, ChunkFailure, FetchPlan, Level, Qos, Rejection, State, StoreFailure, StoreOp, Stored,
+    TrustOutcome, TrustRefusal, TrustView,
 };
 pub use state::{Effect, Input, Now};
 
@@ -517,6 +517,69 @@ impl Shell {
                 });
                 let _ = self.compile_jobs.send(job);
             }
+            Effect::PlanFetch {
+                ticket,
+                module,
+                chunks,
+            } => {
+                let store = Arc::clone(&self.store);
+                let job: Job = Box::new(move || {
+                    let result = store
+                        .stage_plan(&module, &chunks)
+                        .map(|s| FetchPlan {
+                            have: s.have,
+                            reused_bytes: s.reused_bytes,
+                        })
+                        .map_err(|e| e.to_string());
+                    Back::Input(Input::FetchPlanned { ticket, result })
+                });
+                let _ = self.store_jobs.send(job);
+            }
+            Effect::StageChunk {
+                ticket,
+                sha256,
+                size,
+                bytes,
+                modules,
+            } => {
+                let store = Arc::clone(&self.store);
+                let job: Job = Box::new(move || {
+                    let result = stage_chunk(&store, &sha256, size, &bytes, &modules);
+                    Back::Input(Input::ChunkStaged { ticket, result })
+                });
+                let _ = self.store_jobs.send(job);
+            }
+            Effect::Assemble {
+                ticket,
+                module,
+                signed,
+                chunks,
+            } => {
+                let verifier = Arc::clone(&self.verifier);
+                let store = Arc::clone(&self.store);
+                let runtime = self.runtime.clone();
+                let job: Job = Box::new(move || {
+                    let result = match store.assemble(&module, &chunks) {
+                        Ok(wasm) => verify_assembled(&verifier, &store, &runtime, &signed, wasm),
+                        Err(e) => Err(Rejection {
+                            reason: format!("its chunks could not be assembled: {e}"),
+                            permanent: false,
+                        }),
+                    };
+                    Back::Input(Input::Verified { ticket, result })
+                });
+                let _ = self.compile_jobs.send(job);
+            }
+            Effect::ClearStaging { module } => {
+                let store = Arc::clone(&self.store);
+                let job: Job = Box::new(move || {
+                    if let Err(e) = store.clear_staging(&module) {
+                        tracing::warn!("module {module}: {e}");
+                    }
+                    Back::Flushed
+                });
+                let _ = self.store_jobs.send(job);
+            }
             Effect::Prepare { ticket, version } => {
                 let store = Arc::clone(&self.store);
                 let runtime = self.runtime.clone();
@@ -743,19 +806,20 @@ impl Shell {
     }
 }
 
-/// Verifies a bundle as the device does, and for an install compiles it and checks it against
-/// the manifest and the board.
-fn verify(
-    verifier: &Verifier,
+/// The clock for expiry: the system clock, or the time floor when the clock is behind it (a
+/// board without a real-time clock boots at 1970).
+fn clock(store: &Store) -> u64 {
+    (SystemClock.now_ms() / 1000).max(store.time_floor())
+}
+
+/// Runs `verify` with the highest seq the store accepted for the module; a store that cannot
+/// be read is a refusal that may pass later.
+fn with_seq<'a>(
     store: &Store,
-    runtime: &Runtime,
-    bytes: &[u8],
-) -> Result<Box<Checked>, Rejection> {
+    verify: impl FnOnce(&mut dyn FnMut(&str) -> Option<u64>) -> Result<Verified<'a>, VerifyError>,
+) -> Result<Verified<'a>, Rejection> {
     let mut seq_error = None;
-    // Expiry is judged by the clock, or by the time floor when the clock is behind it (a board
-    // without a real-time clock boots at 1970).
-    let clock = (SystemClock.now_ms() / 1000).max(store.time_floor());
-    let verified = verifier.verify(bytes, clock, |name| match store.seq(name) {
+    let verified = verify(&mut |name| match store.seq(name) {
         Ok(s) => s.map(|s| s.highest_seq),
         Err(e) => {
             seq_error = Some(e.to_string());
@@ -768,11 +832,63 @@ fn verify(
             permanent: false,
         });
     }
+    verified.map_err(|e| Rejection {
+        reason: e.to_string(),
+        permanent: true,
+    })
+}
+
+/// Verifies a bundle as the device does, and for an install compiles it and checks it against
+/// the manifest and the board. A chunked install comes back with its signed part, to be fetched.
+fn verify(
+    verifier: &Verifier,
+    store: &Store,
+    runtime: &Runtime,
+    bytes: &Arc<[u8]>,
+) -> Result<Box<Checked>, Rejection> {
+    let now = clock(store);
+    let verified = with_seq(store, |seq| verifier.verify(bytes, now, seq))?;
+    if verified.awaits_chunks() {
+        return Ok(Box::new(Checked {
+            trust_version: verifier.trust().version(),
+            check_record: None,
+            key_id: verified.key_id(),
+            wasm: None,
+            manifest: verified.into_manifest(),
+            prepared: None,
+            awaiting_chunks: Some(Arc::clone(bytes)),
+        }));
+    }
+    let wasm = verified.wasm_bytes().map(Arc::from);
+    checked(verifier, runtime, &verified, wasm)
+}
+
+/// Verifies a chunked install again with its assembled Wasm, then as [`verify`].
+fn verify_assembled(
+    verifier: &Verifier,
+    store: &Store,
+    runtime: &Runtime,
+    signed: &[u8],
+    wasm: Arc<[u8]>,
+) -> Result<Box<Checked>, Rejection> {
+    let now = clock(store);
+    let verified = with_seq(store, |seq| {
+        verifier.verify_assembled(signed, &wasm, now, seq)
+    })?;
+    checked(verifier, runtime, &verified, Some(Arc::clone(&wasm)))
+}
+
+/// A verified bundle compiled (installs) and checked against the board.
+fn checked(
+    verifier: &Verifier,
+    runtime: &Runtime,
+    verified: &Verified<'_>,
+    wasm: Option<Arc<[u8]>>,
+) -> Result<Box<Checked>, Rejection> {
     let refused = |reason: String| Rejection {
         reason,
         permanent: true,
     };
-    let verified = verified.map_err(|e| refused(e.to_string()))?;
     let manifest = verified.manifest().clone();
     let prepared = match (manifest.action, verified.wasm()) {
         (BundleAction::Install, Some(wasm)) => {
@@ -794,10 +910,44 @@ fn verify(
         trust_version: verifier.trust().version(),
         check_record: verified.wasm().map(|w| w.record()),
         key_id: verified.key_id(),
-        wasm: verified.wasm_bytes().map(Arc::from),
+        wasm,
         manifest,
         prepared,
+        awaiting_chunks: None,
     }))
+}
+
+/// Checks a chunk that arrived against the digest its topic names and the length the manifests
+/// list, then stages it for each module fetching it.
+fn stage_chunk(
+    store: &Store,
+    sha256: &Sha256,
+    size: u64,
+    bytes: &[u8],
+    modules: &[String],
+) -> Result<(), ChunkFailure> {
+    if bytes.len() as u64 != size {
+        return Err(ChunkFailure {
+            reason: format!("it is {} bytes, the manifest lists {size}", bytes.len()),
+            refused: true,
+        });
+    }
+    let actual = Sha256::of(bytes);
+    if actual != *sha256 {
+        return Err(ChunkFailure {
+            reason: format!("its bytes hash to {actual}"),
+            refused: true,
+        });
+    }
+    for m in modules {
+        store
+            .stage_chunk(m, sha256, bytes)
+            .map_err(|e| ChunkFailure {
+                reason: e.to_string(),
+                refused: false,
+            })?;
+    }
+    Ok(())
 }
 
 /// Compiles an installed version from the store: its Wasm (whose digest the store verifies) is
@@ -862,6 +1012,10 @@ fn store_op(store: &Store, module: &str, op: StoreOp) -> Result<(Stored, Vec<Eve
             {
                 tracing::warn!("time floor not raised: {e}");
             }
+            // The chunks it was fetched in (if it was) are in its blob now.
+            if let Err(e) = store.clear_staging(module) {
+                tracing::warn!("module {module}: {e}");
+            }
             if let (Some(r), Some(w)) = (check_record, manifest.wasm) {
                 // A record that cannot be kept costs one check at the module's next start.
                 if let Err(e) = store.set_check_record(&w.sha256, &r) {
@@ -890,6 +1044,9 @@ fn store_op(store: &Store, module: &str, op: StoreOp) -> Result<(Stored, Vec<Eve
             events,
         } => {
             let (_, events) = store.remove(module, seq, bundle_sha256, &events)?;
+            if let Err(e) = store.clear_staging(module) {
+                tracing::warn!("module {module}: {e}");
+            }
             if let Some(t) = issued_at
                 && let Err(e) = store.raise_time_floor(t)
             {

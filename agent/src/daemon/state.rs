@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::core::keys::KeyId;
-use crate::core::manifest::{Action as BundleAction, Caps, Manifest, Sha256};
+use crate::core::manifest::{Action as BundleAction, Caps, ChunkRef, Manifest, Sha256};
 use crate::core::protocol::{self, Event, EventKind, LogRecord, ModuleState, ModuleStatus, Status};
 use crate::core::reconcile::{Action, Offer, Reconciler};
 use crate::core::text::printable;
@@ -48,6 +48,9 @@ pub struct Checked {
     pub check_record: Option<Vec<u8>>,
     /// The version of the trust document it was verified under (0: none, or simple mode).
     pub trust_version: u64,
+    /// An install delivered in chunks whose Wasm is not assembled yet: its signed part (format
+    /// 2), verified again with the Wasm once every chunk is in.
+    pub awaiting_chunks: Option<Arc<[u8]>>,
 }
 
 /// The trust in effect, as far as the state needs it (trust-document mode).
@@ -241,6 +244,20 @@ pub enum Input {
         /// The document put in effect, or why not.
         result: Result<Box<TrustOutcome>, TrustRefusal>,
     },
+    /// The result of [`Effect::PlanFetch`]: which chunks the device holds already.
+    FetchPlanned {
+        /// The effect's ticket.
+        ticket: u64,
+        /// The plan, or why the chunks could not be looked up (the store).
+        result: Result<FetchPlan, String>,
+    },
+    /// The result of [`Effect::StageChunk`].
+    ChunkStaged {
+        /// The effect's ticket.
+        ticket: u64,
+        /// Staged, or why not.
+        result: Result<(), ChunkFailure>,
+    },
     /// The store's time floor (unix seconds), at start and whenever it rises.
     TimeFloor(u64),
     /// A key-value flush failed: the store can no longer be trusted.
@@ -296,6 +313,48 @@ pub enum Effect {
     },
     /// Verify bundles under this policy from now on.
     Policy(Arc<Policy>),
+    /// Find which of a fetch's chunks the device holds (staged by an earlier transfer, or in an
+    /// installed version's Wasm, copied to the staging area); answer with
+    /// [`Input::FetchPlanned`].
+    PlanFetch {
+        /// Ticket for the answer.
+        ticket: u64,
+        /// The module.
+        module: String,
+        /// Its chunks, in order.
+        chunks: Arc<[ChunkRef]>,
+    },
+    /// Check a chunk against its digest and write it durably to the staging area of each of
+    /// `modules`; answer with [`Input::ChunkStaged`].
+    StageChunk {
+        /// Ticket for the answer.
+        ticket: u64,
+        /// The digest its topic names.
+        sha256: Sha256,
+        /// The length the manifests list.
+        size: u64,
+        /// Its bytes as they arrived.
+        bytes: Vec<u8>,
+        /// The modules fetching it.
+        modules: Vec<String>,
+    },
+    /// Every chunk is staged: assemble the Wasm, verify the signed part again with it, compile
+    /// it; answer with [`Input::Verified`].
+    Assemble {
+        /// Ticket for the answer.
+        ticket: u64,
+        /// The module.
+        module: String,
+        /// The signed part.
+        signed: Arc<[u8]>,
+        /// The chunks, in order.
+        chunks: Arc<[ChunkRef]>,
+    },
+    /// Drop a module's staging area.
+    ClearStaging {
+        /// The module.
+        module: String,
+    },
     /// Read a stored version's Wasm and compile it; answer with [`Input::Prepared`].
     Prepare {
         /// Ticket for the answer.
@@ -525,6 +584,17 @@ enum Pending {
     Trust {
         sha256: Sha256,
     },
+    FetchPlan {
+        module: String,
+        sha256: Sha256,
+    },
+    Stage,
+    Assembled {
+        module: String,
+        scope: Scope,
+        sha256: Sha256,
+        epoch: u64,
+    },
 }
 
 /// Telemetry and logs waiting for the broker.
@@ -604,6 +674,18 @@ pub struct State {
     trust_seen: Option<Sha256>,
     /// The store's time floor, unix seconds.
     time_floor: u64,
+    /// Versions being fetched in chunks, by module.
+    fetches: BTreeMap<String, fetch::Fetch>,
+    /// Chunks being checked and staged by the shell, by ticket.
+    staging: BTreeMap<u64, Sha256>,
+    /// Chunk topics subscribed to, by digest.
+    subscribed_chunks: std::collections::BTreeSet<Sha256>,
+    /// Chunk bytes received since start (refused ones too).
+    fetched_bytes: u64,
+    /// A fetch made progress since the last status report.
+    fetch_progress: bool,
+    /// Per module: the seq of its last install in chunks and the bytes it reused.
+    reused: BTreeMap<String, (u64, u64)>,
 }
 
 impl State {
@@ -643,6 +725,12 @@ impl State {
             trust_next: None,
             trust_seen: None,
             time_floor: 0,
+            fetches: BTreeMap::new(),
+            staging: BTreeMap::new(),
+            subscribed_chunks: Default::default(),
+            fetched_bytes: 0,
+            fetch_progress: false,
+            reused: BTreeMap::new(),
         };
         let mut fx = Vec::new();
         for record in records {
@@ -737,6 +825,12 @@ impl State {
                 ));
             }
             Input::Trust { ticket, result } => self.trust_done(ticket, result, now, &mut fx),
+            Input::FetchPlanned { ticket, result } => {
+                self.fetch_planned(ticket, result, now, &mut fx);
+            }
+            Input::ChunkStaged { ticket, result } => {
+                self.chunk_staged(ticket, result, now, &mut fx);
+            }
             Input::TimeFloor(floor) => {
                 if floor != self.time_floor {
                     self.time_floor = floor;
@@ -911,6 +1005,7 @@ impl State {
                 }
                 let actions = self.reconciler.offered(scope, &module, &payload);
                 self.act(actions, now, fx);
+                self.check_fetches(now, fx);
             }
             Some(Inbound::Inbox { module, topic }) => match self.slots.get_mut(&module) {
                 Some(slot) => match slot.runner() {
@@ -1019,6 +1114,12 @@ impl State {
                 scope,
                 hidden_by,
             }) => self.peeked(&module, &scope, &hidden_by, result, fx),
+            Some(Pending::Assembled {
+                module,
+                scope,
+                sha256,
+                epoch,
+            }) => self.assembled(module, scope, sha256, epoch, result, now, fx),
             Some(Pending::Replaced { module }) => {
                 // A bundle replaced on its topic before it was looked at: it gets its verdict.
                 let e = match result {
@@ -1090,6 +1191,10 @@ impl State {
                 return;
             }
         };
+        if let Some(signed) = checked.awaiting_chunks.clone() {
+            self.start_fetch(module, scope, sha256, signed, &checked.manifest, now, fx);
+            return;
+        }
         let Checked {
             manifest,
             key_id,
@@ -1097,6 +1202,7 @@ impl State {
             prepared,
             check_record,
             trust_version,
+            awaiting_chunks: _,
         } = *checked;
         match (manifest.action, wasm, prepared) {
             (BundleAction::Remove, _, _) => {
@@ -1932,6 +2038,23 @@ impl State {
         now: Now,
         fx: &mut Vec<Effect>,
     ) {
+        let packet = payload.len() + topic.len() + crate::core::topics::PUBLISH_OVERHEAD;
+        if packet > self.config.mqtt.max_packet_bytes {
+            // A broker with a packet limit (AWS IoT Core: 128 KiB) closes the connection of a
+            // client that sends more: dropped here, counted, said once per message.
+            self.outbound.dropped += 1;
+            self.status_dirty = true;
+            fx.push(Effect::Log(
+                Level::Warn,
+                format!(
+                    "a {}-byte message on {} is above mqtt.max_packet_bytes ({}): dropped",
+                    payload.len(),
+                    printable(&topic),
+                    self.config.mqtt.max_packet_bytes
+                ),
+            ));
+            return;
+        }
         if self.connected {
             fx.push(Effect::Publish {
                 topic,
@@ -1973,9 +2096,13 @@ impl State {
             uptime_s: now.mono_ms.saturating_sub(self.started.mono_ms) / 1000,
             ts_ms: now.wall_ms,
             started_ms: self.started.wall_ms,
-            modules: self.module_statuses(),
+            modules: {
+                let mut modules = self.module_statuses();
+                self.fetch_statuses(&mut modules, now);
+                modules
+            },
             dropped_messages: self.outbound.dropped,
-            fetched_bytes: 0,
+            fetched_bytes: self.fetched_bytes,
             broker_note: self.session.flapping.then(|| {
                 "the broker keeps closing this session soon after it connects: another client \
                  may be using this device's client id"
@@ -2066,6 +2193,7 @@ impl State {
         }
         self.outbound.expire(now.mono_ms);
         self.send_events(now, fx);
+        self.fetch_tick(now, fx);
         if let Some(since) = self.session.since
             && self.session.flapping
             && now.mono_ms.saturating_sub(since) > TAKEOVER_WINDOW_MS
@@ -2139,7 +2267,7 @@ impl State {
                     .filter(|t| !before.contains(t))
                     .cloned()
                     .collect(),
-                filters: after,
+                filters: after.into_iter().chain(self.chunk_filters()).collect(),
             });
             let groups = new.groups.clone();
             self.reconciler
@@ -2151,6 +2279,7 @@ impl State {
         fx.push(Effect::Log(Level::Info, "configuration reloaded".into()));
         // Bundles refused under the old configuration are evaluated again.
         self.reconsider_refused(now, fx);
+        self.check_fetches(now, fx);
         self.status_dirty = true;
     }
 
@@ -2203,7 +2332,10 @@ impl State {
             let store_busy = self.pending.values().any(|p| {
                 !matches!(
                     p,
-                    Pending::Evaluate { .. } | Pending::Peek { .. } | Pending::Replaced { .. }
+                    Pending::Evaluate { .. }
+                        | Pending::Peek { .. }
+                        | Pending::Replaced { .. }
+                        | Pending::Assembled { .. }
                 )
             });
             let runners_left = !self.retiring.is_empty();
@@ -2242,6 +2374,7 @@ impl State {
 }
 
 mod fetch;
+pub use fetch::{ChunkFailure, FetchPlan};
 mod trust;
 
 #[cfg(test)]

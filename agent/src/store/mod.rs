@@ -73,6 +73,7 @@
 
 mod files;
 mod kv;
+mod staging;
 mod trust;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -1766,6 +1767,7 @@ mod tests {
             expires_at: None,
             targets: None,
             issued_at: None,
+            chunks: Vec::new(),
         }
     }
 

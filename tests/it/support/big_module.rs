@@ -25,7 +25,8 @@ pub fn big_module_wat(size: usize, variant: u32) -> String {
     };
     let mut wat = String::with_capacity(functions * STEPS * 40);
     wat.push_str(
-        "(module\n  (memory (export \"memory\") 1)\n  (func (export \"tick\") (result i32) i32.const 0)\n",
+        "(module\n  (memory (export \"memory\") 1)\n  (func (export \"edge_abi_v1\"))\n  \
+         (func (export \"tick\") (result i32) i32.const 0)\n",
     );
     for f in 0..functions {
         let _ = write!(

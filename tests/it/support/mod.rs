@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod big_module;
 pub mod certs;
+pub mod chunks;
 pub mod edgectl;
 pub mod fixtures;
 pub mod mosquitto;

@@ -35,6 +35,18 @@ impl Mosquitto {
         Mosquitto::start_as(Some(certs.clone()), true)
     }
 
+    /// A plain broker that passes at most `limit` bytes per message (mosquitto's
+    /// `message_size_limit`: what AWS IoT Core's 128 KiB does to a client), started.
+    pub fn start_limited(limit: usize) -> Mosquitto {
+        let mut m = Mosquitto::configure(None, free_port(), false);
+        let mut text = fs::read_to_string(&m.conf).unwrap();
+        // `log_type debug` has it log each message it drops for its size.
+        text.push_str(&format!("message_size_limit {limit}\nlog_type debug\n"));
+        fs::write(&m.conf, text).unwrap();
+        m.child = Some(m.launch().expect("mosquitto starts"));
+        m
+    }
+
     /// Starts on a free port; if another process takes the port first, on another one.
     fn start_with(tls: Option<Certs>) -> Mosquitto {
         Mosquitto::start_as(tls, false)

@@ -211,6 +211,7 @@ fn deploy(s: &mut State, m: &Manifest, now: Now) -> Vec<Effect> {
                 prepared: (m.action == BundleAction::Install).then(|| prepared(&m.name)),
                 check_record: None,
                 trust_version: 0,
+                awaiting_chunks: None,
             })),
         },
         now,
@@ -653,6 +654,7 @@ fn a_newer_group_offer_hidden_by_an_older_device_offer_is_reported() {
                 prepared: None,
                 check_record: None,
                 trust_version: 0,
+                awaiting_chunks: None,
             })),
         },
         at(2),
@@ -856,6 +858,7 @@ fn a_bundle_verified_under_an_older_document_is_verified_again() {
                 prepared: Some(prepared("m")),
                 check_record: None,
                 trust_version: 0,
+                awaiting_chunks: None,
             })),
         },
         at(3),
@@ -869,4 +872,295 @@ fn a_bundle_verified_under_an_older_document_is_verified_again() {
             .any(|e| matches!(e, Effect::Verify { .. } | Effect::Refetch { .. })),
         "verified again: {fx:?}"
     );
+}
+
+// ---- chunked delivery ----
+
+/// A chunked install of `name` at `seq` made of `n` chunks (digests of "c0", "c1", ...).
+fn chunked_manifest(name: &str, seq: u64, n: u8) -> Manifest {
+    let mut m = manifest(name, seq, &[]);
+    m.chunks = (0..n)
+        .map(|i| ChunkRef(Sha256::of(format!("c{i}").as_bytes()), 10))
+        .collect();
+    m.wasm = Some(WasmRef {
+        sha256: Sha256::of(b"whole"),
+        size: 10 * u64::from(n),
+    });
+    m
+}
+
+/// Offers `m` (chunked) and answers its verification: the fetch's plan ticket.
+fn offer_chunked(s: &mut State, m: &Manifest, now: Now) -> (Vec<Effect>, u64) {
+    let bundle = format!("signed part {} {}", m.name, m.seq).into_bytes();
+    let fx = s.handle(
+        Input::Message {
+            topic: format!("edge/pi-1/desired/{}", m.name),
+            payload: bundle.clone(),
+        },
+        now,
+    );
+    let ticket = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Verify { ticket, .. } => Some(*ticket),
+            _ => None,
+        })
+        .expect("the offer is verified");
+    let fx = s.handle(
+        Input::Verified {
+            ticket,
+            result: Ok(Box::new(Checked {
+                manifest: m.clone(),
+                key_id: KeyId([0; 8]),
+                wasm: None,
+                prepared: None,
+                check_record: None,
+                trust_version: 0,
+                awaiting_chunks: Some(Arc::from(bundle)),
+            })),
+        },
+        now,
+    );
+    let plan = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::PlanFetch { ticket, chunks, .. } => {
+                assert_eq!(chunks.len(), m.chunks.len());
+                Some(*ticket)
+            }
+            _ => None,
+        })
+        .expect("a plan of the fetch is asked for");
+    (fx, plan)
+}
+
+fn chunk_topics(fx: &[Effect]) -> (Vec<String>, Vec<String>) {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Subscriptions { added, removed, .. } => Some((added.clone(), removed.clone())),
+            _ => None,
+        })
+        .fold((vec![], vec![]), |(mut a, mut r), (x, y)| {
+            a.extend(x);
+            r.extend(y);
+            (a, r)
+        })
+}
+
+fn chunk_topic(i: u8) -> String {
+    format!(
+        "edge/chunk/{}",
+        Sha256::of(format!("c{i}").as_bytes()).to_hex()
+    )
+}
+
+#[test]
+fn a_chunked_install_subscribes_only_to_missing_chunks_stages_each_and_assembles_when_all_are_in() {
+    let (mut s, _) = booted(vec![]);
+    let m = chunked_manifest("big", 1, 4);
+    let (_, plan) = offer_chunked(&mut s, &m, at(1));
+    // Chunk 1 is held already (an installed version has it).
+    let fx = s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan {
+                have: vec![false, true, false, false],
+                reused_bytes: 10,
+            }),
+        },
+        at(1),
+    );
+    let (mut added, _) = chunk_topics(&fx);
+    added.sort();
+    let mut want = [0, 2, 3].map(chunk_topic);
+    want.sort();
+    assert_eq!(added, want);
+    // A chunk arrives: it is staged by the shell, then counted.
+    let mut assemble = None;
+    for i in [0u8, 2, 3] {
+        let fx = s.handle(
+            Input::Message {
+                topic: chunk_topic(i),
+                payload: vec![i; 10],
+            },
+            at(2),
+        );
+        let ticket = fx
+            .iter()
+            .find_map(|e| match e {
+                Effect::StageChunk {
+                    ticket,
+                    size,
+                    modules,
+                    ..
+                } => {
+                    assert_eq!((*size, modules.as_slice()), (10, &["big".to_string()][..]));
+                    Some(*ticket)
+                }
+                _ => None,
+            })
+            .expect("the chunk is staged");
+        // The same chunk again while it is staged (a reconnect) is not staged twice.
+        let again = s.handle(
+            Input::Message {
+                topic: chunk_topic(i),
+                payload: vec![i; 10],
+            },
+            at(2),
+        );
+        assert!(!again.iter().any(|e| matches!(e, Effect::StageChunk { .. })));
+        let fx = s.handle(
+            Input::ChunkStaged {
+                ticket,
+                result: Ok(()),
+            },
+            at(2),
+        );
+        let (_, removed) = chunk_topics(&fx);
+        assert_eq!(removed, [chunk_topic(i)]);
+        assemble = fx.iter().find_map(|e| match e {
+            Effect::Assemble { ticket, module, .. } => Some((*ticket, module.clone())),
+            _ => None,
+        });
+    }
+    let (ticket, module) = assemble.expect("assembled once every chunk is in");
+    assert_eq!(module, "big");
+    let status = s.status(true, at(2));
+    assert_eq!(status.fetched_bytes, 60);
+    let big = status.modules.iter().find(|m| m.name == "big").unwrap();
+    assert_eq!(big.state, ModuleState::Fetching);
+    let f = big.fetch.as_ref().unwrap();
+    assert_eq!((f.chunks_have, f.chunks_total, f.reused_bytes), (4, 4, 10));
+    // Verified with its Wasm: installed as any bundle.
+    let fx = s.handle(
+        Input::Verified {
+            ticket,
+            result: Ok(Box::new(Checked {
+                manifest: m.clone(),
+                key_id: KeyId([0; 8]),
+                wasm: Some(Arc::from(&[0u8; 40][..])),
+                prepared: Some(prepared("big")),
+                check_record: None,
+                trust_version: 0,
+                awaiting_chunks: None,
+            })),
+        },
+        at(3),
+    );
+    assert!(store_op(&fx, |op| matches!(op, StoreOp::Install { .. })).is_some());
+    assert!(s.fetches.is_empty());
+}
+
+#[test]
+fn a_damaged_chunk_is_counted_and_waited_for_and_a_full_disk_abandons_the_fetch() {
+    let (mut s, _) = booted(vec![]);
+    let m = chunked_manifest("big", 1, 2);
+    let (_, plan) = offer_chunked(&mut s, &m, at(1));
+    s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan {
+                have: vec![false, false],
+                reused_bytes: 0,
+            }),
+        },
+        at(1),
+    );
+    let stage = |s: &mut State, i: u8| {
+        let fx = s.handle(
+            Input::Message {
+                topic: chunk_topic(i),
+                payload: vec![9; 10],
+            },
+            at(2),
+        );
+        fx.iter()
+            .find_map(|e| match e {
+                Effect::StageChunk { ticket, .. } => Some(*ticket),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let t = stage(&mut s, 0);
+    let fx = s.handle(
+        Input::ChunkStaged {
+            ticket: t,
+            result: Err(ChunkFailure {
+                reason: "its bytes hash to ...".into(),
+                refused: true,
+            }),
+        },
+        at(2),
+    );
+    // Still subscribed, nothing refused for good.
+    assert_eq!(chunk_topics(&fx), (vec![], vec![]));
+    assert!(store_op(&fx, |op| matches!(op, StoreOp::PushEvents { .. })).is_none());
+    let f = s.fetches["big"].status(at(2));
+    assert_eq!((f.chunks_refused, f.chunks_have), (1, 0));
+    // A disk that cannot take a chunk ends the fetch: staging dropped, one rejection.
+    let t = stage(&mut s, 1);
+    let fx = s.handle(
+        Input::ChunkStaged {
+            ticket: t,
+            result: Err(ChunkFailure {
+                reason: "No space left on device".into(),
+                refused: false,
+            }),
+        },
+        at(3),
+    );
+    let clear = fx
+        .iter()
+        .position(|e| matches!(e, Effect::ClearStaging { .. }))
+        .expect("staging dropped");
+    let events = fx
+        .iter()
+        .position(|e| matches!(e, Effect::Store { .. }))
+        .unwrap();
+    assert!(clear < events, "room is made before the event is written");
+    let (_, op) = store_op(&fx, |op| matches!(op, StoreOp::PushEvents { .. })).unwrap();
+    assert_eq!(events_in(&op), [EventKind::Rejected]);
+    let (_, removed) = chunk_topics(&fx);
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert!(s.fetches.is_empty());
+}
+
+#[test]
+fn a_fetch_without_progress_is_reported_once_and_a_replaced_offer_ends_it() {
+    let mut config = config();
+    config.agent.fetch_timeout_s = 5;
+    let (mut s, _) = booted_with(config, vec![]);
+    let m = chunked_manifest("big", 1, 2);
+    let (_, plan) = offer_chunked(&mut s, &m, at(1));
+    s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan {
+                have: vec![false, false],
+                reused_bytes: 0,
+            }),
+        },
+        at(1),
+    );
+    let stalled = |fx: &[Effect]| {
+        store_op(fx, |op| matches!(op, StoreOp::PushEvents { .. }))
+            .is_some_and(|(_, op)| events_in(&op) == [EventKind::FetchStalled])
+    };
+    assert!(!stalled(&s.handle(Input::Tick, at(5))));
+    assert!(stalled(&s.handle(Input::Tick, at(6))));
+    assert!(!stalled(&s.handle(Input::Tick, at(20))));
+    // A newer version replaces the offer: the fetch ends, the new one is evaluated.
+    let newer = b"signed part big 2".to_vec();
+    let fx = s.handle(
+        Input::Message {
+            topic: "edge/pi-1/desired/big".into(),
+            payload: newer,
+        },
+        at(21),
+    );
+    let (_, op) = store_op(&fx, |op| matches!(op, StoreOp::PushEvents { .. })).unwrap();
+    assert_eq!(events_in(&op), [EventKind::Superseded]);
+    assert!(fx.iter().any(|e| matches!(e, Effect::Verify { .. })));
+    assert_eq!(chunk_topics(&fx).1.len(), 2);
+    assert!(s.fetches.is_empty());
 }
