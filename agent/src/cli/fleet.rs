@@ -390,6 +390,13 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             String::new()
         }
     )?;
+    if s.fetched_bytes > 0 {
+        writeln!(
+            out,
+            "{} bytes of chunks fetched since the agent started",
+            s.fetched_bytes
+        )?;
+    }
     if let Some(version) = s.trust_version {
         let mut line = format!("trust document version {version}");
         if let Some(note) = &s.trust_note {
@@ -425,11 +432,39 @@ pub fn print_status(out: &mut dyn Write, s: &Status) -> std::io::Result<()> {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
-        let note = [m.detail.as_deref(), m.last_error.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join("; ");
+        let fetch = m.fetch.as_ref().map(|f| {
+            let mut line = format!(
+                "fetching {} (seq {}): {}/{} chunks, {}/{} bytes ({} reused)",
+                f.version,
+                f.seq,
+                f.chunks_have,
+                f.chunks_total,
+                f.bytes_have,
+                f.bytes_total,
+                f.reused_bytes
+            );
+            if f.chunks_refused > 0 {
+                line.push_str(&format!(", {} damaged chunks refused", f.chunks_refused));
+            }
+            if let Some(s) = f.stalled_s {
+                line.push_str(&format!(", nothing for {s} s"));
+            }
+            line
+        });
+        let reused = m
+            .reused_bytes
+            .filter(|_| m.fetch.is_none())
+            .map(|r| format!("installed in chunks, {r} bytes reused"));
+        let note = [
+            m.detail.as_deref(),
+            m.last_error.as_deref(),
+            fetch.as_deref(),
+            reused.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ");
         writeln!(
             out,
             "{:<20} {:<10} {:>5} {:<12} {:>8} {:>9} {:>10} {:>14} {:>9} {:>8}  {}",

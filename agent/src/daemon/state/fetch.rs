@@ -484,16 +484,23 @@ impl State {
                 refused: true,
             }) => {
                 for m in &modules {
-                    if let Some(f) = self.fetches.get_mut(m) {
-                        f.refused += 1;
+                    let Some(f) = self.fetches.get_mut(m) else {
+                        continue;
+                    };
+                    f.refused += 1;
+                    // Whoever can publish on the topic can send damaged copies as fast as the
+                    // broker passes them: each costs a hash; the log says the first few, then
+                    // ever more rarely (the status has the count).
+                    if f.refused <= 3 || f.refused.is_power_of_two() {
+                        fx.push(Effect::Log(
+                            Level::Warn,
+                            format!(
+                                "module {m}: chunk {sha256} refused ({} so far): {reason}; \
+                                 waiting for a correct copy",
+                                f.refused
+                            ),
+                        ));
                     }
-                    fx.push(Effect::Log(
-                        Level::Warn,
-                        format!(
-                            "module {m}: chunk {sha256} refused: {reason}; waiting for a correct \
-                             copy"
-                        ),
-                    ));
                 }
                 self.status_dirty = true;
             }
