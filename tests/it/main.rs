@@ -4,6 +4,7 @@
 
 mod bombs;
 mod bundles;
+mod chunks_edgectl;
 mod daemon;
 mod edgectl;
 mod hardware;

@@ -35,27 +35,37 @@ impl Mosquitto {
         Mosquitto::start_as(Some(certs.clone()), true)
     }
 
+    /// A plain-TCP broker with `extra` configuration lines (`message_size_limit 131072`, say),
+    /// started.
+    pub fn start_configured(extra: &str) -> Mosquitto {
+        Mosquitto::start_full(None, false, extra)
+    }
+
     /// Starts on a free port; if another process takes the port first, on another one.
     fn start_with(tls: Option<Certs>) -> Mosquitto {
         Mosquitto::start_as(tls, false)
     }
 
     fn start_as(tls: Option<Certs>, fleet: bool) -> Mosquitto {
-        let mut m = Mosquitto::configure(tls.clone(), free_port(), fleet);
+        Mosquitto::start_full(tls, fleet, "")
+    }
+
+    fn start_full(tls: Option<Certs>, fleet: bool, extra: &str) -> Mosquitto {
+        let mut m = Mosquitto::configure(tls.clone(), free_port(), fleet, extra);
         for _ in 0..5 {
             match m.launch() {
                 Ok(child) => {
                     m.child = Some(child);
                     return m;
                 }
-                Err(_) => m = Mosquitto::configure(tls.clone(), free_port(), fleet),
+                Err(_) => m = Mosquitto::configure(tls.clone(), free_port(), fleet, extra),
             }
         }
         let e = m.launch().err().unwrap_or_default();
         panic!("mosquitto would not start: {e}");
     }
 
-    fn configure(tls: Option<Certs>, port: u16, fleet: bool) -> Mosquitto {
+    fn configure(tls: Option<Certs>, port: u16, fleet: bool, extra: &str) -> Mosquitto {
         let dir = tempdir();
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
@@ -111,6 +121,10 @@ impl Mosquitto {
              # test's files; for other users this line has no effect.\n\
              user root\n",
         );
+        for line in extra.lines() {
+            text.push_str(line.trim());
+            text.push('\n');
+        }
         fs::write(&conf, text).unwrap();
         Mosquitto {
             port,
