@@ -57,7 +57,8 @@ modules:
 # checking hostile structures, RSS across 1,000 upgrades), daemon (deploy latency against an
 # MQTT round trip, agent RSS; needs mosquitto), chunking (bytes a device downloads per install and
 # per one-function upgrade at 4/16/64 KiB average chunks, cutting time against SHA-256) and peers
-# (CPU-heavy guests: the agent's throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with plain wasmi fuel on and off;
+# (CPU-heavy guests: the agent's throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with
+# plain wasmi fuel on and off;
 # peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it
 # could not install is reported as not measured, with why). The store's power-cut test with many
 # more cut points than `cargo test` checks, and its fsyncs per operation: `just powercut`.

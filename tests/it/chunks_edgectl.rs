@@ -310,6 +310,26 @@ fn chunks_edgectl_one_message_above_the_brokers_limit_fails_the_read_back() {
     );
     assert!(retained(&broker.url(), "edge/#").is_empty());
 
+    // A broker without the limit keeps it: one message, read back.
+    let roomy = Mosquitto::start();
+    let out = edgectl_ok(&[
+        "deploy",
+        "--broker",
+        &roomy.url(),
+        "--device",
+        "pi-a",
+        "--max-packet-bytes",
+        "8388608",
+        &s.p("big0.bundle"),
+    ]);
+    assert!(out.contains("as one message"), "{out}");
+    let kept = retained(&roomy.url(), "edge/#");
+    assert_eq!(
+        kept.get("edge/pi-a/desired/big"),
+        Some(&fs::read(s.path("big0.bundle")).unwrap())
+    );
+    assert_eq!(kept.len(), 1, "no chunks: {:?}", kept.keys());
+
     // Without a chunk list there is no way through: a clear error, nothing published.
     s.sign(0, &["--chunk-avg-bytes", "0"]);
     let err = fails(edgectl(&[
