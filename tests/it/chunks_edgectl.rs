@@ -480,3 +480,27 @@ fn chunks_edgectl_gc_removes_exactly_the_unreferenced_and_the_corrupt_chunks() {
     let d = s.deploy(&broker, 1, &["--device", "pi-b"], &[]);
     assert_eq!(d.sent, 1, "{}", d.line);
 }
+
+#[test]
+fn chunks_edgectl_a_one_function_change_shares_most_chunks_at_every_average() {
+    use edge_agent::core::chunking;
+    let (v0, v1) = (big_module(MIB, 0), big_module(MIB, 1));
+    for avg in [4 << 10, 16 << 10, 64 << 10] {
+        let l0 = chunking::cut(&v0, avg).unwrap();
+        assert_eq!(l0, chunking::cut(&v0, avg).unwrap(), "deterministic");
+        let (r0, r1) = (
+            chunking::refs(&v0, &l0).unwrap(),
+            chunking::refs(&v1, &chunking::cut(&v1, avg).unwrap()).unwrap(),
+        );
+        let (_, _, max) = chunking::bounds(avg).unwrap();
+        assert!(r1.iter().all(|c| usize::try_from(c.1).unwrap() <= max));
+        let held: HashSet<Sha256> = r0.iter().map(ChunkRef::sha256).collect();
+        let new: Vec<&ChunkRef> = r1.iter().filter(|c| !held.contains(&c.0)).collect();
+        let new_bytes: u64 = new.iter().map(|c| c.1).sum();
+        assert!(
+            !new.is_empty() && new.len() <= 2 && new_bytes * 10 <= v1.len() as u64,
+            "avg {avg}: {} new chunks, {new_bytes} bytes",
+            new.len()
+        );
+    }
+}
