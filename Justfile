@@ -55,8 +55,10 @@ modules:
 # benchmarks: runtime (cold start, fuel overhead, host calls, memory per module), containment
 # (host-call prices against plain Wasm, the worst call at the default limits, peak memory of
 # checking hostile structures, RSS across 1,000 upgrades), daemon (deploy latency against an
-# MQTT round trip, agent RSS; needs mosquitto) and peers (CPU-heavy guests: the agent's
-# throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with plain wasmi fuel on and off;
+# MQTT round trip, agent RSS; needs mosquitto), chunking (bytes a device downloads per install and
+# per one-function upgrade at 4/16/64 KiB average chunks, cutting time against SHA-256) and peers
+# (CPU-heavy guests: the agent's throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with
+# plain wasmi fuel on and off;
 # peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it
 # could not install is reported as not measured, with why). The store's power-cut test with many
 # more cut points than `cargo test` checks, and its fsyncs per operation: `just powercut`.
@@ -65,6 +67,7 @@ bench: modules
     cargo bench --locked -p edge-agent --bench runtime
     cargo bench --locked -p edge-agent --bench containment
     cargo bench --locked -p edge-agent --bench daemon
+    cargo bench --locked -p edge-agent --bench chunking
     -agent/benches/peers-setup
     cargo bench --locked -p edge-agent --bench peers
 

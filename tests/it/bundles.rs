@@ -86,8 +86,11 @@ fn cases() -> Vec<Case> {
 
     let mut trailing = valid.clone();
     trailing.push(0);
-    let mut version2 = valid.clone();
-    version2[1] = 0x02;
+    // Format 2 is the chunked container (two items): 3 is a version no agent reads.
+    let mut version3 = valid.clone();
+    version3[1] = 0x03;
+    let mut three_items_as_format2 = valid.clone();
+    three_items_as_format2[1] = 0x02;
 
     let mut seq_equal = case("seq equal to installed", valid.clone(), |e| {
         matches!(
@@ -227,11 +230,14 @@ fn cases() -> Vec<Case> {
         case("trailing bytes", trailing, |e| {
             matches!(e, VerifyError::Container(ContainerError::TrailingBytes(1)))
         }),
-        case("another format version", version2, |e| {
+        case("another format version", version3, |e| {
             matches!(
                 e,
-                VerifyError::Container(ContainerError::UnsupportedFormat(2))
+                VerifyError::Container(ContainerError::UnsupportedFormat(3))
             )
+        }),
+        case("format 2 with three items", three_items_as_format2, |e| {
+            matches!(e, VerifyError::Container(ContainerError::NotABundle(_)))
         }),
         case(
             "too large",
@@ -586,6 +592,94 @@ fn example_bundle() -> Vec<u8> {
 #[ignore = "prints the docs/protocol.md example"]
 fn print_example_bundle() {
     let b = example_bundle();
+    for chunk in b.chunks(16) {
+        println!("    {}", hex::encode(chunk));
+    }
+}
+
+#[test]
+fn the_chunked_example_in_the_protocol_doc_is_what_the_code_produces() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"))
+        .unwrap();
+    let start = doc
+        .find("<!-- example-chunked-begin -->")
+        .expect("begin marker");
+    let end = doc
+        .find("<!-- example-chunked-end -->")
+        .expect("end marker");
+    let hex_lines: String = doc[start..end]
+        .lines()
+        .filter(|l| l.starts_with("    "))
+        .filter_map(|l| l.split('|').next())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (signed_part, wasm, lengths) = example_chunked();
+    assert_eq!(
+        hex::encode(support::unhex(&hex_lines)),
+        hex::encode(&signed_part),
+        "docs/protocol.md's chunked example is stale; regenerate it with \
+         `cargo test --test it print_example_chunked -- --ignored --nocapture`"
+    );
+    // What the doc says about it: a valid signed part whose chunks cut the module.
+    let v = verifier(&[&key(1)])
+        .verify(&signed_part, NOW, |_| None)
+        .unwrap();
+    assert!(v.awaits_chunks());
+    assert_eq!(
+        v.manifest()
+            .chunks
+            .iter()
+            .map(|c| usize::try_from(c.1).unwrap())
+            .collect::<Vec<_>>(),
+        lengths
+    );
+    verifier(&[&key(1)])
+        .verify_assembled(&signed_part, &wasm, NOW, |_| None)
+        .unwrap();
+    assert!((2..=3).contains(&lengths.len()), "{lengths:?}");
+}
+
+/// The chunked example in docs/protocol.md: key seed 0x01, module "demo" whose Wasm is the
+/// 8-byte header and a 700-byte custom section `pad`, cut with an average of 256 bytes; the
+/// format 2 signed part `edgectl deploy` publishes for it. Returns it, the Wasm and the lengths.
+fn example_chunked() -> (Vec<u8>, Vec<u8>, Vec<usize>) {
+    let mut wasm = b"\0asm\x01\0\0\0".to_vec();
+    let mut s: u32 = 1;
+    let pad: Vec<u8> = (0..700)
+        .map(|_| {
+            s = s.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            s.to_be_bytes()[1]
+        })
+        .collect();
+    // Custom section (id 0): size 704 = LEB128 c0 05, name "pad", then the bytes.
+    wasm.extend_from_slice(&[0x00, 0xc0, 0x05, 0x03, b'p', b'a', b'd']);
+    wasm.extend_from_slice(&pad);
+    let lengths = edge_agent::core::chunking::cut(&wasm, 256).unwrap();
+    let m = edge_agent::core::manifest::Manifest::from_toml(
+        "name = \"demo\"\nversion = \"1\"\nseq = 1\n[caps]\npublish = [\"t\"]\n",
+    )
+    .unwrap();
+    let format1 = bundle::sign_listing_chunks(
+        m,
+        &wasm,
+        &lengths,
+        &key(1),
+        bundle::DEFAULT_MAX_BUNDLE_BYTES,
+    )
+    .unwrap();
+    let raw = bundle::decode(&format1, format1.len()).unwrap();
+    (bundle::encode_chunked(raw.sign1), wasm, lengths)
+}
+
+#[test]
+#[ignore = "prints the docs/protocol.md chunked example"]
+fn print_example_chunked() {
+    let (b, wasm, lengths) = example_chunked();
+    println!(
+        "{} bytes, Wasm {} bytes, chunks {lengths:?}",
+        b.len(),
+        wasm.len()
+    );
     for chunk in b.chunks(16) {
         println!("    {}", hex::encode(chunk));
     }

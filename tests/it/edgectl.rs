@@ -392,8 +392,9 @@ fn count(text: &str, reason: &str) -> usize {
 fn inspect_prints_each_reason_for_a_refusal_once() {
     let dir = signed_dir();
     let bundle = fs::read(dir.path().join("heartbeat.bundle")).unwrap();
-    let mut version2 = bundle.clone();
-    version2[1] = 0x02;
+    // Format 2 exists (chunked delivery): 3 is a version no agent reads.
+    let mut version3 = bundle.clone();
+    version3[1] = 0x03;
     let mut signature = bundle.clone();
     // The bundle ends with the signature, then the Wasm's byte string head and the Wasm.
     let wasm_len = tiny_wasm().len();
@@ -403,7 +404,7 @@ fn inspect_prints_each_reason_for_a_refusal_once() {
     let mut trailing = bundle.clone();
     trailing.push(0);
     for (tampered, reason) in [
-        (version2, "bundle format version 2 is not supported"),
+        (version3, "bundle format version 3 is not supported"),
         (signature, "the signature does not verify"),
         (trailing, "1 bytes follow the bundle"),
     ] {

@@ -5,6 +5,7 @@
 mod bombs;
 mod bundles;
 mod chunks;
+mod chunks_edgectl;
 mod daemon;
 mod edgectl;
 mod hardware;

@@ -12,10 +12,12 @@ use super::common::{
 };
 use super::files::{self, FileError};
 use super::fleet;
+use super::gc;
 use super::trust::{self, RootArgs, TrustCommand};
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
+use crate::core::chunking;
 use crate::core::keys::{self, KeyId};
-use crate::core::manifest::{Action, Manifest, is_valid_id};
+use crate::core::manifest::{Action, CHUNKS_MAX, Manifest, is_valid_id};
 use crate::core::verify::{self, DeviceIdentity, Trust, Verifier};
 use crate::engine::WasmLimits;
 
@@ -59,6 +61,14 @@ pub enum Command {
     Telemetry(fleet::WatchArgs),
     /// Restart a module on a device (also out of quarantine).
     Restart(fleet::RestartArgs),
+    /// Remove the retained chunks that no retained desired bundle lists, and corrupt ones.
+    ///
+    /// Lists the retained bundles on `<prefix>/+/desired/+` and `<prefix>/group/+/desired/+`
+    /// and the retained chunks on `<prefix>/chunk/+`, then clears every chunk that no bundle
+    /// lists and every chunk whose bytes do not match its digest (`edgectl deploy` sends those
+    /// again). Do not run it while a deploy is in progress: a deploy publishes its chunks before
+    /// the signed part that lists them, so gc would remove chunks about to be referenced.
+    Gc(gc::GcArgs),
 }
 
 /// Arguments of `edgectl sign`.
@@ -79,6 +89,13 @@ pub struct SignArgs {
     /// Largest bundle to produce (devices refuse larger ones).
     #[arg(long, default_value_t = DEFAULT_MAX_BUNDLE_BYTES)]
     pub max_bundle_bytes: usize,
+    /// Average chunk size: a Wasm module larger than this is cut into content-defined chunks
+    /// (FastCDC, a quarter to four times this size, at most 130816 bytes) that the manifest
+    /// lists, so that `edgectl deploy` can send it in chunks below a broker's message size limit
+    /// and an upgrade sends only the chunks that changed. 0: list no chunks (the bundle then
+    /// travels only as one message).
+    #[arg(long, default_value_t = chunking::DEFAULT_AVG_BYTES, value_name = "BYTES")]
+    pub chunk_avg_bytes: usize,
 }
 
 /// Arguments of `edgectl inspect`.
@@ -136,6 +153,7 @@ pub fn run(cli: Cli, out: &mut dyn Write, warn: &mut dyn Write) -> Result<(), Cl
         Command::Logs(args) => rt()?.block_on(fleet::logs(&args, out)),
         Command::Telemetry(args) => rt()?.block_on(fleet::telemetry(&args, out)),
         Command::Restart(args) => rt()?.block_on(fleet::restart(&args, out)),
+        Command::Gc(args) => rt()?.block_on(gc::gc(&args, out, warn)),
     }
 }
 
@@ -189,16 +207,51 @@ fn sign(args: &SignArgs, out: &mut dyn Write, warn: &mut dyn Write) -> Result<()
         Some(path) => Some(files::read_bounded(path, args.max_bundle_bytes as u64)?),
         None => None,
     };
-    let bundle = bundle::sign(
-        manifest.clone(),
-        wasm.as_deref(),
-        &key,
-        args.max_bundle_bytes,
-    )?;
+    if args.chunk_avg_bytes != 0 {
+        chunking::bounds(args.chunk_avg_bytes)
+            .map_err(|e| CliError::Usage(format!("--chunk-avg-bytes: {e}; 0 lists no chunks")))?;
+    }
+    let lengths = match wasm.as_deref() {
+        Some(w)
+            if manifest.action == Action::Install
+                && args.chunk_avg_bytes != 0
+                && w.len() > args.chunk_avg_bytes =>
+        {
+            let lengths = chunking::cut(w, args.chunk_avg_bytes)
+                .map_err(|e| CliError::Usage(format!("--chunk-avg-bytes: {e}")))?;
+            if lengths.len() > CHUNKS_MAX {
+                return Err(CliError::Usage(format!(
+                    "--chunk-avg-bytes {}: the {} bytes of Wasm make {} chunks, above the \
+                     {CHUNKS_MAX} a manifest may list; give a larger average",
+                    args.chunk_avg_bytes,
+                    w.len(),
+                    lengths.len()
+                )));
+            }
+            lengths
+        }
+        _ => Vec::new(),
+    };
+    let bundle = match wasm.as_deref() {
+        Some(w) if !lengths.is_empty() => {
+            bundle::sign_listing_chunks(manifest.clone(), w, &lengths, &key, args.max_bundle_bytes)?
+        }
+        _ => bundle::sign(
+            manifest.clone(),
+            wasm.as_deref(),
+            &key,
+            args.max_bundle_bytes,
+        )?,
+    };
     files::write_atomic(&args.out, &bundle, 0o644, false)?;
+    let chunks = if lengths.is_empty() {
+        String::new()
+    } else {
+        format!(", listing {} chunks", lengths.len())
+    };
     writeln!(
         out,
-        "signed {} {} {} seq {} with key {} -> {} ({} bytes)",
+        "signed {} {} {} seq {} with key {} -> {} ({} bytes{chunks})",
         manifest.action,
         manifest.name,
         manifest.version,
@@ -289,10 +342,16 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             (v.into_manifest(), kid, true)
         }
     };
+    // Already decoded once above: the container is well formed.
+    let format = match bundle::decode(&bytes, args.max_bundle_bytes) {
+        Ok(raw) if raw.chunked => bundle::FORMAT_CHUNKED,
+        _ => bundle::FORMAT_VERSION,
+    };
     if args.json {
         let mut report = serde_json::json!({
             "file": args.bundle.display().to_string(),
             "bytes": bytes.len(),
+            "format": format,
             "verified": verified,
             "key_id": kid,
             "manifest": manifest,
@@ -315,6 +374,7 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         (None, false) => format!("NOT CHECKED (no --trust given); claims key {kid}"),
     };
     print_manifest(out, &args.bundle, bytes.len(), &manifest, &signature)?;
+    print_container(out, format, &manifest)?;
     if let Some((version, device)) = &document {
         let who = match device {
             Some(d) => format!(
@@ -327,6 +387,41 @@ fn inspect(args: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 .to_string(),
         };
         writeln!(out, "trust      trust document version {version}; as {who}")?;
+    }
+    Ok(())
+}
+
+/// The container format and the chunk list.
+fn print_container(out: &mut dyn Write, format: u64, m: &Manifest) -> std::io::Result<()> {
+    let n = m.chunks.len();
+    if format == bundle::FORMAT_CHUNKED {
+        writeln!(
+            out,
+            "container  format 2: the signed part only; the Wasm travels in {n} chunks"
+        )?;
+    } else if m.wasm.is_some() {
+        writeln!(
+            out,
+            "container  format 1: the Wasm inline{}",
+            if n > 0 {
+                " (edgectl deploy sends it in chunks when it does not fit one message)"
+            } else {
+                ""
+            }
+        )?;
+    } else {
+        writeln!(out, "container  format 1")?;
+    }
+    if n > 0 {
+        let largest = m.chunks.iter().map(|c| c.size()).max().unwrap_or(0);
+        let total: u64 = m.chunks.iter().map(|c| c.size()).sum();
+        writeln!(
+            out,
+            "chunks     {n} (average {} bytes, largest {largest} bytes)",
+            total / n as u64
+        )?;
+    } else {
+        writeln!(out, "chunks     none listed")?;
     }
     Ok(())
 }

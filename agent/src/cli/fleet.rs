@@ -9,13 +9,17 @@ use clap::Args;
 use rumqttc::{AsyncClient, EventLoop, Packet, QoS};
 
 use super::common::{CliError, FleetError, read_private_key, unix_now};
+use super::delivery::{random_hex, size_hint};
 use super::files;
 use super::run_module::show_payload;
 use crate::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
-use crate::core::manifest::{Action, Manifest, Targets, is_valid_module_name};
+use crate::core::chunking;
+use crate::core::manifest::{Action, ChunkRef, Manifest, Sha256, Targets, is_valid_module_name};
 use crate::core::protocol::{self, Event, LogRecord, Status};
 use crate::core::text::printable;
-use crate::core::topics::Topics;
+use crate::core::topics::{
+    DEFAULT_MAX_PACKET_BYTES, MIN_MAX_PACKET_BYTES, PUBLISH_OVERHEAD, Topics,
+};
 use crate::core::verify;
 use crate::mqtt::{self, BrokerUrl, ClientSettings, TlsFiles};
 
@@ -55,6 +59,14 @@ pub struct DeployArgs {
     broker: BrokerArgs,
     #[command(flatten)]
     target: Target,
+    /// The largest MQTT packet the broker takes (AWS IoT Core: 128 KiB). A bundle that does not
+    /// fit one packet travels in chunks: the chunks it lists, then its signed part.
+    #[arg(long, env = "EDGECTL_MAX_PACKET_BYTES", default_value_t = DEFAULT_MAX_PACKET_BYTES, value_name = "BYTES")]
+    max_packet_bytes: usize,
+    /// Send the bundle in chunks even when it fits one packet (it must list chunks: `edgectl
+    /// sign` lists them for modules above --chunk-avg-bytes).
+    #[arg(long)]
+    chunked: bool,
     /// The signed bundle.
     bundle: PathBuf,
 }
@@ -117,15 +129,15 @@ pub struct RestartArgs {
 
 /// A connection to the broker (also used by `cli/trust.rs`).
 pub(crate) struct Session {
-    client: AsyncClient,
-    eventloop: EventLoop,
-    broker: String,
+    pub(super) client: AsyncClient,
+    pub(super) eventloop: EventLoop,
+    pub(super) broker: String,
 }
 
 /// Connects to the broker and waits for its CONNACK, within `--connect-timeout`.
 pub(crate) async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
     let settings = ClientSettings {
-        client_id: format!("edgectl-{}", random_suffix()),
+        client_id: format!("edgectl-{}", random_hex()),
         url: BrokerUrl::parse(&args.broker).map_err(FleetError::from)?,
         tls: args.tls.clone(),
         keep_alive: Duration::from_secs(30),
@@ -158,12 +170,6 @@ pub(crate) async fn connect(args: &BrokerArgs) -> Result<Session, CliError> {
         }
         .into()),
     }
-}
-
-fn random_suffix() -> String {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
-    hex::encode(b)
 }
 
 impl Session {
@@ -258,22 +264,238 @@ fn topics(prefix: &str, device: &str) -> Result<Topics, CliError> {
     Ok(Topics::new(prefix, device, &[]).map_err(|e| FleetError::Usage(e.to_string()))?)
 }
 
-/// `edgectl deploy`: publishes the bundle, retained, on the device's or group's desired topic.
+/// `edgectl deploy`: publishes the bundle, retained, on the device's or group's desired topic:
+/// as one message when it fits `--max-packet-bytes`, else (or with `--chunked`) the chunks its
+/// manifest lists that the broker does not hold yet, then the signed part (format 2). Then reads
+/// the retained message back.
 pub async fn deploy(args: &DeployArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let bytes = files::read_bounded(&args.bundle, DEFAULT_MAX_BUNDLE_BYTES as u64 * 4)?;
-    let u = verify::read_unverified(&bytes, bytes.len()).map_err(|source| CliError::Invalid {
+    let invalid = |source| CliError::Invalid {
         path: args.bundle.clone(),
         source,
-    })?;
-    let topic = desired_topic(&args.broker.prefix, &args.target, &u.manifest.name)?;
+    };
+    let u = verify::read_unverified(&bytes, bytes.len()).map_err(invalid)?;
+    let raw = bundle::decode(&bytes, bytes.len()).map_err(|e| invalid(e.into()))?;
+    if args.max_packet_bytes < MIN_MAX_PACKET_BYTES {
+        return Err(FleetError::Usage(format!(
+            "--max-packet-bytes {} is below the smallest packet limit edgectl works with, \
+             {MIN_MAX_PACKET_BYTES}",
+            args.max_packet_bytes
+        ))
+        .into());
+    }
+    let m = &u.manifest;
+    let topic = desired_topic(&args.broker.prefix, &args.target, &m.name)?;
+    let what = format!("{} {} {} seq {}", m.action, m.name, m.version, m.seq);
+    let fits = bytes.len() + PUBLISH_OVERHEAD <= args.max_packet_bytes;
+    if !raw.chunked && fits && !args.chunked {
+        let mut session = connect(&args.broker).await?;
+        session
+            .publish_all([(topic.clone(), bytes.clone())], true)
+            .await
+            .map_err(|e| with_hint(e, bytes.len()))?;
+        check_read_back(&mut session, &args.broker.prefix, &topic, &bytes).await?;
+        session.close().await;
+        writeln!(
+            out,
+            "deployed {what} to {topic} as one message ({} bytes)",
+            bytes.len()
+        )?;
+        return Ok(());
+    }
+    if m.chunks.is_empty() {
+        let why = if args.chunked {
+            "--chunked needs a bundle that lists its chunks".to_string()
+        } else {
+            format!(
+                "the bundle is {} bytes: with the PUBLISH header it does not fit \
+                 --max-packet-bytes {}",
+                bytes.len(),
+                args.max_packet_bytes
+            )
+        };
+        return Err(FleetError::Usage(format!(
+            "{}: {why}, and its manifest lists no chunks to send it in; sign it again with this \
+             edgectl (`edgectl sign` lists chunks for modules above --chunk-avg-bytes)",
+            args.bundle.display()
+        ))
+        .into());
+    }
+    let signed = bundle::encode_chunked(raw.sign1);
+    let pieces = match raw.wasm {
+        Some(wasm) => Some(chunking::pieces(wasm, &m.chunks).map_err(|i| {
+            FleetError::Usage(format!(
+                "{}: chunk {i} of the manifest's list is not the bytes at its place in the \
+                 bundle's Wasm (a damaged file?)",
+                args.bundle.display()
+            ))
+        })?),
+        // Format 2: only the signed part; the chunks must be on the broker already.
+        None => None,
+    };
+    // Each distinct chunk once, in the list's order.
+    let mut seen = std::collections::HashSet::new();
+    let distinct: Vec<(usize, ChunkRef)> = m
+        .chunks
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, c)| seen.insert(c.sha256()))
+        .collect();
+    let largest = distinct.iter().map(|(_, c)| c.size()).max().unwrap_or(0);
+    let too_big = |n: usize| n + PUBLISH_OVERHEAD > args.max_packet_bytes;
+    if too_big(usize::try_from(largest).unwrap_or(usize::MAX)) {
+        return Err(FleetError::Usage(format!(
+            "{}: its largest chunk is {largest} bytes: with the PUBLISH header it does not fit \
+             --max-packet-bytes {}; sign it again with a smaller --chunk-avg-bytes",
+            args.bundle.display(),
+            args.max_packet_bytes
+        ))
+        .into());
+    }
+    if too_big(signed.len()) {
+        return Err(FleetError::Usage(format!(
+            "{}: its signed part is {} bytes: with the PUBLISH header it does not fit \
+             --max-packet-bytes {}",
+            args.bundle.display(),
+            signed.len(),
+            args.max_packet_bytes
+        ))
+        .into());
+    }
+
+    let prefix = &args.broker.prefix;
     let mut session = connect(&args.broker).await?;
-    session.publish(topic.clone(), true, bytes).await?;
+    let listed: std::collections::HashMap<String, ChunkRef> = distinct
+        .iter()
+        .map(|(_, c)| (Topics::chunk(prefix, &c.sha256()), *c))
+        .collect();
+    let mut present = std::collections::HashSet::new();
+    session
+        .retained(prefix, listed.keys().cloned().collect(), |t, payload| {
+            // Present only when it is the chunk its topic names; a damaged one is sent again.
+            if let Some(c) = listed.get(t)
+                && payload.len() as u64 == c.size()
+                && Sha256::of(payload) == c.sha256()
+            {
+                present.insert(c.sha256());
+            }
+        })
+        .await?;
+    // A fresh session: the chunk subscriptions end, so the chunks sent do not come back.
+    session.close().await;
+    let missing: Vec<(usize, ChunkRef)> = distinct
+        .iter()
+        .copied()
+        .filter(|(_, c)| !present.contains(&c.sha256()))
+        .collect();
+    let Some(pieces) = pieces else {
+        if !missing.is_empty() {
+            return Err(FleetError::Usage(format!(
+                "{}: a format 2 file carries only the signed part, and {} of the {} chunks it \
+                 lists are not on the broker; deploy the format 1 bundle `edgectl sign` wrote",
+                args.bundle.display(),
+                missing.len(),
+                distinct.len()
+            ))
+            .into());
+        }
+        return finish_chunked(args, out, &topic, &what, &signed, (distinct.len(), 0, 0)).await;
+    };
+    let sent_bytes: u64 = missing.iter().map(|(_, c)| c.size()).sum();
+    let mut session = connect(&args.broker).await?;
+    session
+        .publish_all(
+            missing
+                .iter()
+                .map(|(i, c)| (Topics::chunk(prefix, &c.sha256()), pieces[*i].to_vec())),
+            true,
+        )
+        .await
+        .map_err(|e| with_hint(e, usize::try_from(largest).unwrap_or(usize::MAX)))?;
+    session.close().await;
+    let figures = (distinct.len(), missing.len(), sent_bytes);
+    finish_chunked(args, out, &topic, &what, &signed, figures).await
+}
+
+/// Publishes the signed part of a chunked delivery, reads it back and prints the line.
+async fn finish_chunked(
+    args: &DeployArgs,
+    out: &mut dyn Write,
+    topic: &str,
+    what: &str,
+    signed: &[u8],
+    (total, sent, sent_bytes): (usize, usize, u64),
+) -> Result<(), CliError> {
+    let mut session = connect(&args.broker).await?;
+    session
+        .publish_all([(topic.to_string(), signed.to_vec())], true)
+        .await
+        .map_err(|e| with_hint(e, signed.len()))?;
+    check_read_back(&mut session, &args.broker.prefix, topic, signed).await?;
+    session.close().await;
     writeln!(
         out,
-        "deployed {} {} {} seq {} to {topic}",
-        u.manifest.action, u.manifest.name, u.manifest.version, u.manifest.seq
+        "deployed {what} to {topic} in chunks: {total} chunks, {sent} sent, {} already on the \
+         broker; {} bytes sent (chunks {sent_bytes} + signed part {}) for {} bytes of Wasm",
+        total - sent,
+        sent_bytes + signed.len() as u64,
+        signed.len(),
+        wasm_size_of(signed)
     )?;
     Ok(())
+}
+
+/// The Wasm size a signed part's manifest states.
+fn wasm_size_of(signed: &[u8]) -> u64 {
+    verify::read_unverified(signed, signed.len())
+        .ok()
+        .and_then(|u| u.manifest.wasm)
+        .map_or(0, |w| w.size)
+}
+
+/// A broker error while sending a message of `bytes` bytes, with the likely cause.
+fn with_hint(e: CliError, bytes: usize) -> CliError {
+    match e {
+        CliError::Fleet(FleetError::Broker { broker, reason }) => FleetError::Broker {
+            broker,
+            reason: format!(
+                "{reason}; if it closed the connection, {}",
+                size_hint(bytes)
+            ),
+        }
+        .into(),
+        other => other,
+    }
+}
+
+/// Fails unless the message retained on `topic` is `published`.
+async fn check_read_back(
+    session: &mut Session,
+    prefix: &str,
+    topic: &str,
+    published: &[u8],
+) -> Result<(), CliError> {
+    match session.read_back(prefix, topic).await? {
+        Some((sha, _)) if sha == Sha256::of(published) => Ok(()),
+        found => Err(FleetError::Broker {
+            broker: session.broker.clone(),
+            reason: format!(
+                "{} retained on {topic} after the publish ({}): {}",
+                if found.is_some() {
+                    "another message is"
+                } else {
+                    "nothing is"
+                },
+                match found {
+                    Some((_, len)) => format!("{len} bytes"),
+                    None => "none".into(),
+                },
+                size_hint(published.len())
+            ),
+        }
+        .into()),
+    }
 }
 
 /// `edgectl remove`: signs a removal for the device or group it names and publishes it,

@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod cbor;
+pub mod chunking;
 pub mod keys;
 pub mod manifest;
 pub mod policy;

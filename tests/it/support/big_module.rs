@@ -12,9 +12,12 @@ pub fn big_module(size: usize, variant: u32) -> Vec<u8> {
 /// The module's text.
 pub fn big_module_wat(size: usize, variant: u32) -> String {
     use std::fmt::Write as _;
-    // ~16 bytes per step in the binary, 32 steps per function.
+    // 32 steps per function; a function is ~458 bytes in the binary (measured: a step's two
+    // constants are 1 to 5 LEB128 bytes each). 1 MiB makes ~2,300 functions, well within the
+    // agent's 10,000 (engine/structure.rs).
     const STEPS: usize = 32;
-    let functions = (size / (STEPS * 16)).max(2);
+    const FUNCTION_BYTES: usize = 458;
+    let functions = (size / FUNCTION_BYTES).max(2);
     let changed = functions / 2;
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = || {

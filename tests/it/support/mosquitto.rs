@@ -36,15 +36,16 @@ impl Mosquitto {
     }
 
     /// A plain broker that passes at most `limit` bytes per message (mosquitto's
-    /// `message_size_limit`: what AWS IoT Core's 128 KiB does to a client), started.
+    /// `message_size_limit`: what AWS IoT Core's 128 KiB does to a client), started. `log_type
+    /// debug` has it log each message it drops for its size.
     pub fn start_limited(limit: usize) -> Mosquitto {
-        let mut m = Mosquitto::configure(None, free_port(), false);
-        let mut text = fs::read_to_string(&m.conf).unwrap();
-        // `log_type debug` has it log each message it drops for its size.
-        text.push_str(&format!("message_size_limit {limit}\nlog_type debug\n"));
-        fs::write(&m.conf, text).unwrap();
-        m.child = Some(m.launch().expect("mosquitto starts"));
-        m
+        Mosquitto::start_configured(&format!("message_size_limit {limit}\nlog_type debug\n"))
+    }
+
+    /// A plain-TCP broker with `extra` configuration lines (`message_size_limit 131072`, say),
+    /// started.
+    pub fn start_configured(extra: &str) -> Mosquitto {
+        Mosquitto::start_full(None, false, extra)
     }
 
     /// Starts on a free port; if another process takes the port first, on another one.
@@ -53,21 +54,25 @@ impl Mosquitto {
     }
 
     fn start_as(tls: Option<Certs>, fleet: bool) -> Mosquitto {
-        let mut m = Mosquitto::configure(tls.clone(), free_port(), fleet);
+        Mosquitto::start_full(tls, fleet, "")
+    }
+
+    fn start_full(tls: Option<Certs>, fleet: bool, extra: &str) -> Mosquitto {
+        let mut m = Mosquitto::configure(tls.clone(), free_port(), fleet, extra);
         for _ in 0..5 {
             match m.launch() {
                 Ok(child) => {
                     m.child = Some(child);
                     return m;
                 }
-                Err(_) => m = Mosquitto::configure(tls.clone(), free_port(), fleet),
+                Err(_) => m = Mosquitto::configure(tls.clone(), free_port(), fleet, extra),
             }
         }
         let e = m.launch().err().unwrap_or_default();
         panic!("mosquitto would not start: {e}");
     }
 
-    fn configure(tls: Option<Certs>, port: u16, fleet: bool) -> Mosquitto {
+    fn configure(tls: Option<Certs>, port: u16, fleet: bool, extra: &str) -> Mosquitto {
         let dir = tempdir();
         let conf = dir.path().join("mosquitto.conf");
         let log = dir.path().join("mosquitto.log");
@@ -123,6 +128,10 @@ impl Mosquitto {
              # test's files; for other users this line has no effect.\n\
              user root\n",
         );
+        for line in extra.lines() {
+            text.push_str(line.trim());
+            text.push('\n');
+        }
         fs::write(&conf, text).unwrap();
         Mosquitto {
             port,
