@@ -18,6 +18,7 @@ use edge_agent::cli::fleet::{format_event, print_status};
 use edge_agent::cli::run_module::show_payload;
 use edge_agent::config::Config;
 use edge_agent::core::bundle::{self, DEFAULT_MAX_BUNDLE_BYTES};
+use edge_agent::core::chunking;
 use edge_agent::core::keys;
 use edge_agent::core::manifest::Manifest;
 use edge_agent::core::protocol::{self, Event, Status};
@@ -39,6 +40,12 @@ struct Args {
 }
 
 const DEVICE: &str = "demo-pi";
+/// The embedded broker passes at most this per message, as AWS IoT Core does.
+const BROKER_LIMIT: usize = 128 << 10;
+
+/// A 1 MiB module, generated (the tests' `big_module`), for the chunked delivery.
+#[path = "../../../tests/it/support/big_module.rs"]
+mod big_module;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -85,7 +92,7 @@ listen = "127.0.0.1:{port}"
 next_connection_delay_ms = 1
 [v4.1.connections]
 connection_timeout_ms = 60000
-max_payload_size = 5242880
+max_payload_size = {BROKER_LIMIT}
 max_inflight_count = 100
 dynamic_filters = true
 "#
@@ -110,7 +117,7 @@ dynamic_filters = true
 /// A step of the story: when, what it says, and the bundle to publish.
 struct Step {
     at: Duration,
-    say: &'static str,
+    say: String,
     publish: Vec<(String, Vec<u8>, bool)>,
 }
 
@@ -120,6 +127,46 @@ struct Signer {
 }
 
 impl Signer {
+    /// The 1 MiB module in chunks: each chunk retained on its topic, then the signed part on the
+    /// desired topic; and a line saying so.
+    fn chunked(
+        &self,
+        t: &Topics,
+        version: &str,
+        seq: u64,
+        variant: u32,
+    ) -> anyhow::Result<(Vec<(String, Vec<u8>, bool)>, String)> {
+        let wasm = big_module::big_module(1 << 20, variant);
+        let m = Manifest::from_toml(&format!(
+            "name = \"big-model\"\nversion = \"{version}\"\nseq = {seq}\n\
+             [limits]\ntick_interval_ms = 1000\n"
+        ))
+        .map_err(anyhow::Error::msg)?;
+        let lengths = chunking::cut(&wasm, chunking::DEFAULT_AVG_BYTES)?;
+        let (signed, refs) = bundle::sign_chunked(m, &wasm, &lengths, &self.key)?;
+        let mut publish = Vec::new();
+        let mut at = 0;
+        for r in &refs {
+            let len = usize::try_from(r.size())?;
+            publish.push((
+                Topics::chunk(t.prefix(), &r.sha256()),
+                wasm[at..at + len].to_vec(),
+                true,
+            ));
+            at += len;
+        }
+        let line = format!(
+            "{} KiB of Wasm in {} chunks (the largest {} KiB) retained on edge/chunk/<sha256>, then a \
+             {} KiB signed part",
+            wasm.len() >> 10,
+            refs.len(),
+            refs.iter().map(|r| r.size()).max().unwrap_or(0) >> 10,
+            signed.len() >> 10
+        );
+        publish.push((t.device_desired("big-model"), signed, true));
+        Ok((publish, line))
+    }
+
     fn bundle(
         &self,
         wasm: &str,
@@ -159,10 +206,16 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
         b[last_of_signature] ^= 0x01;
         b
     };
+    let (first, first_line) = s.chunked(t, "1.0.0", 1, 0)?;
+    let (second, _) = s.chunked(t, "1.1.0", 2, 1)?;
+    let chunked_say = format!(
+        "deploy big-model 1.0.0 IN CHUNKS: the broker passes at most 128 KiB a message, so \
+         {first_line}"
+    );
     Ok(vec![
         Step {
             at: secs(1),
-            say: "deploy heartbeat, kv-counter, echo, bme280-telemetry (I2C bus 1, 0x76) and blinky (GPIO 17), signed, retained",
+            say: "deploy heartbeat, kv-counter, echo, bme280-telemetry (I2C bus 1, 0x76) and blinky (GPIO 17), signed, retained".into(),
             publish: vec![
                 (
                     desired("heartbeat"),
@@ -193,12 +246,12 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
         },
         Step {
             at: secs(6),
-            say: "send \"hello\" to echo's inbox: it answers on telemetry echo/greeting",
+            say: "send \"hello\" to echo's inbox: it answers on telemetry echo/greeting".into(),
             publish: vec![(t.inbox("echo", "greeting"), b"hello".to_vec(), false)],
         },
         Step {
             at: secs(10),
-            say: "upgrade kv-counter to 1.1.0 (seq 2): the counter lives in its key-value store and goes on",
+            say: "upgrade kv-counter to 1.1.0 (seq 2): the counter lives in its key-value store and goes on".into(),
             publish: vec![(
                 desired("kv-counter"),
                 s.bundle("kv-counter", "kv-counter", "1.1.0", 2, 1000)?,
@@ -207,7 +260,7 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
         },
         Step {
             at: secs(18),
-            say: "replay kv-counter 1.0.0 (seq 1): refused, seq 2 keeps running (anti-rollback)",
+            say: "replay kv-counter 1.0.0 (seq 1): refused, seq 2 keeps running (anti-rollback)".into(),
             publish: vec![(
                 desired("kv-counter"),
                 s.bundle("kv-counter", "kv-counter", "1.0.0", 1, 1000)?,
@@ -216,7 +269,7 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
         },
         Step {
             at: secs(24),
-            say: "deploy kv-counter 1.2.0 (seq 3), which traps in init: rolled back to 1.1.0 by itself",
+            say: "deploy kv-counter 1.2.0 (seq 3), which traps in init: rolled back to 1.1.0 by itself".into(),
             publish: vec![(
                 desired("kv-counter"),
                 s.bundle("init-trapper", "kv-counter", "1.2.0", 3, 1000)?,
@@ -225,8 +278,19 @@ fn story(s: &Signer, t: &Topics) -> anyhow::Result<Vec<Step>> {
         },
         Step {
             at: secs(32),
-            say: "publish a heartbeat bundle with one signature byte changed: refused, nothing changes",
+            say: "publish a heartbeat bundle with one signature byte changed: refused, nothing changes".into(),
             publish: vec![(desired("heartbeat"), broken, true)],
+        },
+        Step {
+            at: secs(36),
+            say: chunked_say,
+            publish: first,
+        },
+        Step {
+            at: secs(44),
+            say: "upgrade big-model to 1.1.0, one function changed: the device fetches only the \
+                  chunks that changed and reuses the rest (see its line and \"chunks fetched\")".into(),
+            publish: second,
         },
     ])
 }
