@@ -183,3 +183,250 @@ fn an_offer_replaced_while_its_chunks_are_missing_is_superseded_and_the_new_one_
     assert_eq!(e.seq, Some(1));
     obs.running(m, "pi-1", "big", 2);
 }
+
+/// Waits for a status of `device` showing `module`'s fetch with `have` chunks in and
+/// `fetched` bytes received; returns the fetch's view.
+fn wait_fetch_at(
+    obs: &Observer,
+    m: usize,
+    device: &str,
+    module: &str,
+    have: u64,
+    fetched: u64,
+) -> edge_agent::core::protocol::FetchStatus {
+    let s = obs.status(
+        m,
+        device,
+        &format!("{module} fetching with {have} chunks in, {fetched} bytes fetched"),
+        |s| {
+            s.fetched_bytes == fetched && fetch_of(s, module).is_some_and(|f| f.chunks_have == have)
+        },
+    );
+    fetch_of(&s, module).unwrap()
+}
+
+#[test]
+fn a_broker_restart_mid_transfer_resumes_without_downloading_verified_chunks_again() {
+    let mut broker = Mosquitto::start_limited(LIMIT);
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
+    obs.status(0, "pi-1", "online", |s| s.online);
+    let wasm = big_module(MIB, 0);
+    let chunked = Chunked::module("big", 1, &wasm, &op.key);
+    let n = chunked.chunks.len();
+    let half = |i: usize| i < n / 2;
+    let m = obs.mark();
+    // The signed part and the first half of the chunks (each distinct chunk once).
+    let first = chunked.publish_distinct(&obs, half);
+    obs.deploy("pi-1", "big", &chunked.signed);
+    let f = wait_fetch_at(&obs, m, "pi-1", "big", chunked.chunks_covered(half), first);
+    assert_eq!(f.bytes_have, first, "{f:?}");
+    assert_eq!(f.reused_bytes, 0, "{f:?}");
+
+    // The broker dies and comes back empty (no persistence): the operator publishes it all
+    // again, every chunk and the signed part.
+    let connacks = obs.connacks();
+    broker.kill();
+    broker.start_again();
+    obs.wait_subscribed(connacks);
+    let m = obs.mark();
+    let all = chunked.publish_distinct(&obs, |_| true);
+    obs.deploy("pi-1", "big", &chunked.signed);
+    assert_eq!(all, chunked.distinct_bytes(|_| true));
+    let installed = obs.event(m, "pi-1", EventKind::Installed, "big");
+    assert_eq!(installed.seq, Some(1));
+    obs.running(m, "pi-1", "big", 1);
+    // The same agent process: what it received is every distinct chunk exactly once; the
+    // verified half was not sent to it again.
+    let s = obs.status(m, "pi-1", "every chunk counted", |s| s.fetched_bytes >= all);
+    assert_eq!(s.fetched_bytes, all, "{}", agent.log());
+    // And nothing arrives twice later (a resubscription would resend retained chunks).
+    let later = obs.mark();
+    obs.status(later, "pi-1", "a later report", |_| true);
+    let s = obs.status(later, "pi-1", "a second later report", |_| true);
+    assert_eq!(s.fetched_bytes, all);
+    assert!(!agent.state_dir().join("staging/big").exists());
+}
+
+#[test]
+fn an_agent_killed_mid_transfer_resumes_from_its_staging_area() {
+    let broker = Mosquitto::start_limited(LIMIT);
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let mut agent = Agent::start(&AgentSetup::new("pi-1", &broker.url()), &op);
+    obs.status(0, "pi-1", "online", |s| s.online);
+    let wasm = big_module(MIB, 0);
+    let chunked = Chunked::module("big", 1, &wasm, &op.key);
+    let n = chunked.chunks.len();
+    let half = |i: usize| i < n / 2;
+    let m = obs.mark();
+    let first = chunked.publish_distinct(&obs, half);
+    obs.deploy("pi-1", "big", &chunked.signed);
+    wait_fetch_at(&obs, m, "pi-1", "big", chunked.chunks_covered(half), first);
+    let staging = agent.state_dir().join("staging/big");
+    assert!(staging.is_dir(), "{} is missing", staging.display());
+
+    agent.kill9();
+    // The rest appears while the agent is down.
+    let rest = chunked.distinct_bytes(|i| !half(i));
+    let published = chunked.publish_distinct(&obs, |i| !half(i));
+    assert_eq!(published, rest);
+    let m = obs.mark();
+    agent.start_again();
+    let installed = obs.event(m, "pi-1", EventKind::Installed, "big");
+    assert_eq!(installed.seq, Some(1));
+    obs.running(m, "pi-1", "big", 1);
+    // The new process received only the chunks that were missing.
+    let s = obs.status(m, "pi-1", "the missing chunks counted", |s| {
+        s.fetched_bytes >= rest
+    });
+    assert_eq!(s.fetched_bytes, rest, "{}", agent.log_of_this_run());
+    assert!(
+        agent.log_of_this_run().contains(&format!(
+            "{} of {n} chunks held already",
+            chunked.chunks_covered(half)
+        )),
+        "{}",
+        agent.log_of_this_run()
+    );
+    assert!(!staging.exists(), "{} is left", staging.display());
+}
+
+/// A device whose state directory (a 24 MiB tmpfs) runs v1 of `big` (64 KiB, chunked), then
+/// fills up but for ~256 KiB, and is offered a 1 MiB v2 in chunks, which it must refuse cleanly.
+/// Returns the rig and the filler file (remove it for room again).
+fn full_disk_refuses_v2() -> (
+    Mosquitto,
+    Operator,
+    Observer,
+    Agent,
+    crate::recovery::Tmpfs,
+    std::path::PathBuf,
+) {
+    use crate::recovery::{Tmpfs, fill};
+    let broker = Mosquitto::start_limited(LIMIT);
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let mut agent = Agent::configure(&AgentSetup::new("pi-1", &broker.url()), &op);
+    let tmpfs = Tmpfs::mount(agent.state_dir(), "24m");
+    agent.start_again();
+    obs.status(0, "pi-1", "online", |s| s.online);
+    let v1 = Chunked::module("big", 1, &big_module(64 << 10, 0), &op.key);
+    let m = obs.mark();
+    v1.deploy(&obs, "pi-1", "big");
+    obs.running(m, "pi-1", "big", 1);
+
+    // The disk fills up, but for ~256 KiB.
+    let filler = agent.state_dir().join("filler");
+    fill(&filler);
+    let full = std::fs::metadata(&filler).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap();
+    f.set_len(full - (256 << 10)).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    // A 1 MiB v2 in chunks cannot be staged: refused, with the reason.
+    let v2 = Chunked::module("big", 2, &big_module(MIB, 1), &op.key);
+    let m = obs.mark();
+    v2.deploy(&obs, "pi-1", "big");
+    let rejected = obs.event(m, "pi-1", EventKind::Rejected, "big");
+    assert_eq!(rejected.seq, Some(2), "{rejected:?}");
+    let reason = rejected.reason.clone().unwrap_or_default();
+    assert!(reason.contains("could not be staged"), "{rejected:?}");
+    // v1 runs on, untouched, and keeps being called.
+    let after = obs.mark();
+    let calls = |s: &Status| module_in(s, "big").map(|b| (b.seq, is_running(b), b.calls));
+    let a = obs.status(after, "pi-1", "big v1 running", |s| {
+        calls(s).is_some_and(|(seq, run, _)| seq == 1 && run)
+    });
+    let a = calls(&a).unwrap().2;
+    let s = obs.status(after, "pi-1", "big v1 called since", |s| {
+        calls(s).is_some_and(|(seq, run, c)| seq == 1 && run && c > a)
+    });
+    assert_eq!(fetch_of(&s, "big"), None, "{s:?}");
+    let staging = agent.state_dir().join("staging/big");
+    assert!(!staging.exists(), "{} is left", staging.display());
+    assert!(agent.running(), "{}", agent.log_of_this_run());
+    (broker, op, obs, agent, tmpfs, filler)
+}
+
+#[test]
+fn a_full_disk_during_staging_refuses_the_bundle_cleanly_and_the_running_version_is_untouched() {
+    let (_broker, _op, obs, mut agent, _tmpfs, filler) = full_disk_refuses_v2();
+    // Room again and a restart: the retained v2 is fetched again and installs.
+    std::fs::remove_file(&filler).unwrap();
+    agent.kill9();
+    let m = obs.mark();
+    agent.start_again();
+    obs.running(m, "pi-1", "big", 2);
+    let staging = agent.state_dir().join("staging/big");
+    assert!(!staging.exists(), "{} is left", staging.display());
+}
+
+/// AGENT BUG (agent/src/daemon/state/fetch.rs, not fixed here): when a fetch is abandoned
+/// because a chunk could not be staged, the chunks still being written by the store worker at
+/// that moment (`State::staging`, "busy") keep their entry in `subscribed_chunks`; their results
+/// come back to `chunk_staged`, whose error paths never call `fill_window`, so the entries are
+/// never dropped (nor unsubscribed). A later fetch that needs those chunks finds them "already
+/// subscribed", sends no SUBSCRIBE, so the broker never delivers their retained copies again:
+/// the new version stalls (`fetch_stalled`, "2 of 47 chunks have not arrived") until the agent
+/// restarts. Run with `--ignored`.
+#[test]
+#[ignore = "agent bug: chunk subscriptions in flight when a fetch is abandoned are never \
+            released, so a later fetch of the same chunks stalls (see the comment)"]
+fn after_a_full_disk_refusal_a_new_version_in_chunks_installs_without_a_restart() {
+    let (_broker, op, obs, _agent, _tmpfs, filler) = full_disk_refuses_v2();
+    std::fs::remove_file(&filler).unwrap();
+    // v3 shares all but one function with the refused v2.
+    let v3 = Chunked::module("big", 3, &big_module(MIB, 2), &op.key);
+    let m = obs.mark();
+    v3.deploy(&obs, "pi-1", "big");
+    obs.running(m, "pi-1", "big", 3);
+}
+
+#[test]
+fn a_group_deploy_to_ten_agents_uses_each_chunk_once_on_the_broker() {
+    let broker = Mosquitto::start_limited(LIMIT);
+    let op = Operator::new(1);
+    let obs = Observer::connect(&broker.url());
+    let devices: Vec<String> = (0..10).map(|i| format!("pi-{i}")).collect();
+    let _agents: Vec<Agent> = devices
+        .iter()
+        .map(|d| Agent::start(&AgentSetup::new(d, &broker.url()).groups(&["fleet"]), &op))
+        .collect();
+    for d in &devices {
+        obs.status(0, d, "online", |s| s.online);
+    }
+    let wasm = big_module(256 << 10, 0);
+    let chunked = Chunked::module("big", 1, &wasm, &op.key);
+    let distinct = chunked.distinct_bytes(|_| true);
+    let m = obs.mark();
+    chunked.publish_distinct(&obs, |_| true);
+    obs.deploy_group("fleet", "big", &chunked.signed);
+    for d in &devices {
+        obs.running(m, d, "big", 1);
+        let s = obs.status(m, d, "every chunk counted", |s| s.fetched_bytes >= distinct);
+        assert_eq!(s.fetched_bytes, distinct, "{d}");
+    }
+    assert!(distinct <= wasm.len() as u64);
+    // The broker received each chunk once (its debug log has a line per PUBLISH received)
+    // and sent it to each of the ten agents.
+    let log = broker.log_text();
+    for i in chunked.first_of_each() {
+        let topic = Chunked::topic(&chunked.chunks[i].0);
+        let received = log
+            .lines()
+            .filter(|l| l.contains("Received PUBLISH") && l.contains(&topic))
+            .count();
+        assert_eq!(received, 1, "{topic}");
+        let sent = log
+            .lines()
+            .filter(|l| l.contains("Sending PUBLISH") && l.contains(&topic))
+            .count();
+        assert_eq!(sent, devices.len(), "{topic}");
+    }
+}

@@ -75,4 +75,48 @@ impl Chunked {
         self.publish_chunks(obs, |_| true);
         obs.deploy(device, module, &self.signed);
     }
+
+    /// The indexes of the chunks whose digest first appears there: a chunk repeated within the
+    /// Wasm travels (and is counted) once.
+    pub fn first_of_each(&self) -> Vec<usize> {
+        let mut seen = std::collections::BTreeSet::new();
+        (0..self.chunks.len())
+            .filter(|&i| seen.insert(self.chunks[i].0))
+            .collect()
+    }
+
+    /// Publishes (retained) each distinct chunk among those `which` accepts once; returns the
+    /// bytes published.
+    pub fn publish_distinct(&self, obs: &Observer, which: impl Fn(usize) -> bool) -> u64 {
+        let mut bytes = 0;
+        for i in self.first_of_each() {
+            if which(i) {
+                let (sha, b) = &self.chunks[i];
+                obs.publish(&Chunked::topic(sha), b, true);
+                bytes += b.len() as u64;
+            }
+        }
+        bytes
+    }
+
+    /// The bytes of the distinct chunks among those `which` accepts.
+    pub fn distinct_bytes(&self, which: impl Fn(usize) -> bool) -> u64 {
+        self.first_of_each()
+            .into_iter()
+            .filter(|&i| which(i))
+            .map(|i| self.chunks[i].1.len() as u64)
+            .sum()
+    }
+
+    /// How many chunks (by index, repeats included) have a digest among the distinct chunks
+    /// `which` accepts: what `fetch.chunks_have` shows once those are in.
+    pub fn chunks_covered(&self, which: impl Fn(usize) -> bool) -> u64 {
+        let shas: std::collections::BTreeSet<Sha256> = self
+            .first_of_each()
+            .into_iter()
+            .filter(|&i| which(i))
+            .map(|i| self.chunks[i].0)
+            .collect();
+        self.chunks.iter().filter(|(s, _)| shas.contains(s)).count() as u64
+    }
 }

@@ -234,6 +234,11 @@ impl Mosquitto {
         tail(&self.log, 40)
     }
 
+    /// The broker's whole log (with `log_type debug`, one line per PUBLISH it received).
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Whether the broker logged `line` (its connection messages, say).
     pub fn logged(&self, line: &str) -> bool {
         fs::read_to_string(&self.log)
