@@ -367,17 +367,11 @@ fn a_full_disk_during_staging_refuses_the_bundle_cleanly_and_the_running_version
     assert!(!staging.exists(), "{} is left", staging.display());
 }
 
-/// AGENT BUG (agent/src/daemon/state/fetch.rs, not fixed here): when a fetch is abandoned
-/// because a chunk could not be staged, the chunks still being written by the store worker at
-/// that moment (`State::staging`, "busy") keep their entry in `subscribed_chunks`; their results
-/// come back to `chunk_staged`, whose error paths never call `fill_window`, so the entries are
-/// never dropped (nor unsubscribed). A later fetch that needs those chunks finds them "already
-/// subscribed", sends no SUBSCRIBE, so the broker never delivers their retained copies again:
-/// the new version stalls (`fetch_stalled`, "2 of 47 chunks have not arrived") until the agent
-/// restarts. Run with `--ignored`.
+/// A fetch abandoned because a chunk could not be staged must release every chunk topic it
+/// held, those still being written at that moment too: a later fetch of the same chunks
+/// subscribes to them again, so the broker sends their retained copies (without that, the new
+/// version stalled with `fetch_stalled` until the agent restarted).
 #[test]
-#[ignore = "agent bug: chunk subscriptions in flight when a fetch is abandoned are never \
-            released, so a later fetch of the same chunks stalls (see the comment)"]
 fn after_a_full_disk_refusal_a_new_version_in_chunks_installs_without_a_restart() {
     let (_broker, op, obs, _agent, _tmpfs, filler) = full_disk_refuses_v2();
     std::fs::remove_file(&filler).unwrap();

@@ -452,6 +452,20 @@ impl State {
         let Some(sha256) = self.staging.remove(&ticket) else {
             return;
         };
+        // Whatever the result, a topic held only because this chunk was being written is
+        // released (its fetch may have ended meanwhile), or a later fetch of the same chunk would
+        // take it as subscribed and never be sent its retained copy.
+        self.chunk_result(sha256, result, now, fx);
+        self.fill_window(now, fx);
+    }
+
+    fn chunk_result(
+        &mut self,
+        sha256: Sha256,
+        result: Result<(), ChunkFailure>,
+        now: Now,
+        fx: &mut Vec<Effect>,
+    ) {
         let modules: Vec<String> = self
             .fetches
             .iter()

@@ -1164,3 +1164,63 @@ fn a_fetch_without_progress_is_reported_once_and_a_replaced_offer_ends_it() {
     assert_eq!(chunk_topics(&fx).1.len(), 2);
     assert!(s.fetches.is_empty());
 }
+
+#[test]
+fn a_fetch_abandoned_while_chunks_are_being_staged_releases_their_topics_for_the_next_fetch() {
+    let (mut s, _) = booted(vec![]);
+    let m = chunked_manifest("big", 1, 3);
+    let (_, plan) = offer_chunked(&mut s, &m, at(1));
+    s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan {
+                have: vec![false; 3],
+                reused_bytes: 0,
+            }),
+        },
+        at(1),
+    );
+    // Two chunks arrive; both are being written when the first write fails.
+    let mut tickets = Vec::new();
+    for i in [0u8, 1] {
+        let fx = s.handle(
+            Input::Message {
+                topic: chunk_topic(i),
+                payload: vec![i; 10],
+            },
+            at(2),
+        );
+        tickets.extend(fx.iter().filter_map(|e| match e {
+            Effect::StageChunk { ticket, .. } => Some(*ticket),
+            _ => None,
+        }));
+    }
+    assert_eq!(tickets.len(), 2);
+    let full = |ticket| Input::ChunkStaged {
+        ticket,
+        result: Err(ChunkFailure {
+            reason: "No space left on device".into(),
+            refused: false,
+        }),
+    };
+    s.handle(full(tickets[0]), at(3));
+    assert!(s.fetches.is_empty());
+    // The second write's answer comes after the fetch is gone.
+    s.handle(full(tickets[1]), at(3));
+    assert!(s.subscribed_chunks.is_empty(), "{:?}", s.subscribed_chunks);
+    // A new version with the same chunks subscribes to all of them again.
+    let m = chunked_manifest("big", 2, 3);
+    let (_, plan) = offer_chunked(&mut s, &m, at(4));
+    let fx = s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan {
+                have: vec![false; 3],
+                reused_bytes: 0,
+            }),
+        },
+        at(4),
+    );
+    let (added, _) = chunk_topics(&fx);
+    assert_eq!(added.len(), 3, "{added:?}");
+}
