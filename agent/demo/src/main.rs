@@ -114,11 +114,14 @@ dynamic_filters = true
     bail!("the embedded broker did not start on port {port}")
 }
 
+/// Messages to publish: topic, payload, retained.
+type Publishes = Vec<(String, Vec<u8>, bool)>;
+
 /// A step of the story: when, what it says, and the bundle to publish.
 struct Step {
     at: Duration,
     say: String,
-    publish: Vec<(String, Vec<u8>, bool)>,
+    publish: Publishes,
 }
 
 struct Signer {
@@ -135,7 +138,7 @@ impl Signer {
         version: &str,
         seq: u64,
         variant: u32,
-    ) -> anyhow::Result<(Vec<(String, Vec<u8>, bool)>, String)> {
+    ) -> anyhow::Result<(Publishes, String)> {
         let wasm = big_module::big_module(1 << 20, variant);
         let m = Manifest::from_toml(&format!(
             "name = \"big-model\"\nversion = \"{version}\"\nseq = {seq}\n\
