@@ -369,47 +369,22 @@ pub fn sign(
 /// up to its length). Returns the signed part (a format 2 container) and the chunks' digests
 /// and lengths, in order.
 pub fn sign_chunked(
-    mut manifest: Manifest,
+    manifest: Manifest,
     wasm: &[u8],
     lengths: &[usize],
     key: &SigningKey,
 ) -> Result<(Vec<u8>, Vec<ChunkRef>), SignError> {
-    if manifest.action != Action::Install {
-        return Err(SignError::WasmUnexpected(manifest.name));
-    }
-    manifest.wasm = Some(WasmRef {
-        sha256: Sha256::of(wasm),
-        size: wasm.len() as u64,
-    });
-    let mut at = 0usize;
-    let mut chunks = Vec::with_capacity(lengths.len());
-    for &len in lengths {
-        let piece = wasm.get(at..at + len).ok_or_else(|| SignError::Chunks {
-            module: manifest.name.clone(),
-            reason: format!(
-                "the chunk lengths run past the {} bytes of Wasm",
-                wasm.len()
-            ),
-        })?;
-        chunks.push(ChunkRef(Sha256::of(piece), len as u64));
-        at += len;
-    }
-    manifest.chunks = chunks.clone();
+    let manifest = listing_chunks(manifest, wasm, lengths)?;
     let sign1 = sign1_of(&manifest, key)?;
-    Ok((encode_chunked(&sign1), chunks))
+    Ok((encode_chunked(&sign1), manifest.chunks))
 }
 
-/// Signs an install that carries its Wasm (format 1) and lists the chunks `lengths` cut it into
-/// (they must add up to its length): the same file is then delivered either way, in one message
-/// or, since the signature covers only the manifest, as the format 2 signed part
-/// ([`encode_chunked`] of its COSE_Sign1) plus the chunks cut from its Wasm, without the key.
-pub fn sign_listing_chunks(
+/// `manifest` for an install of `wasm`, listing the chunks `lengths` cut it into.
+fn listing_chunks(
     mut manifest: Manifest,
     wasm: &[u8],
     lengths: &[usize],
-    key: &SigningKey,
-    max_bundle_bytes: usize,
-) -> Result<Vec<u8>, SignError> {
+) -> Result<Manifest, SignError> {
     if manifest.action != Action::Install {
         return Err(SignError::WasmUnexpected(manifest.name));
     }
@@ -425,6 +400,21 @@ pub fn sign_listing_chunks(
             wasm.len()
         ),
     })?;
+    Ok(manifest)
+}
+
+/// Signs an install that carries its Wasm (format 1) and lists the chunks `lengths` cut it into
+/// (they must add up to its length): the same file is then delivered either way, in one message
+/// or, since the signature covers only the manifest, as the format 2 signed part
+/// ([`encode_chunked`] of its COSE_Sign1) plus the chunks cut from its Wasm, without the key.
+pub fn sign_listing_chunks(
+    manifest: Manifest,
+    wasm: &[u8],
+    lengths: &[usize],
+    key: &SigningKey,
+    max_bundle_bytes: usize,
+) -> Result<Vec<u8>, SignError> {
+    let manifest = listing_chunks(manifest, wasm, lengths)?;
     let sign1 = sign1_of(&manifest, key)?;
     let bundle = encode(&sign1, Some(wasm));
     if bundle.len() > max_bundle_bytes {

@@ -131,13 +131,14 @@ impl State {
                  --chunk-avg-bytes)",
                 c.size()
             );
-            self.fetch_refused(&module, sha256, manifest, reason, true, now, fx);
+            let id = (manifest.version.clone(), manifest.seq);
+            self.fetch_refused(&module, sha256, id, reason, true, now, fx);
             return;
         }
-        if let Some(old) = self.fetches.remove(&module) {
+        if self.fetches.remove(&module).is_some() {
             // Replaced by a newer offer (the reconciler hands out one bundle per module at a
             // time, so this is a leftover): its chunks are pruned by the new plan.
-            self.unsubscribe_unwanted(&old, fx);
+            self.fill_window(now, fx);
         }
         let chunks: Arc<[ChunkRef]> = manifest.chunks.clone().into();
         fx.push(Effect::Log(
@@ -187,7 +188,7 @@ impl State {
         &mut self,
         module: &str,
         sha256: Sha256,
-        manifest: &Manifest,
+        (version, seq): (String, u64),
         reason: String,
         permanent: bool,
         now: Now,
@@ -200,12 +201,13 @@ impl State {
         let e = self.event(
             EventKind::Rejected,
             module,
-            Some(manifest.version.clone()),
-            Some(manifest.seq),
+            Some(version),
+            Some(seq),
             Some(reason),
             fx,
         );
         self.push_events(vec![e], fx);
+        self.status_dirty = true;
         if permanent {
             let next = self.reconciler.settled(module, sha256);
             self.act(next, now, fx);
@@ -214,28 +216,13 @@ impl State {
         }
     }
 
-    /// Ends `module`'s fetch with a refusal (see [`State::fetch_refused`]).
+    /// Ends `module`'s fetch with a refusal that may pass later (see [`State::fetch_refused`]).
     fn abandon_fetch(&mut self, module: &str, reason: String, now: Now, fx: &mut Vec<Effect>) {
         let Some(f) = self.fetches.remove(module) else {
             return;
         };
-        self.unsubscribe_unwanted(&f, fx);
-        // Staging goes first: on a full disk it frees the room the event needs.
-        fx.push(Effect::ClearStaging {
-            module: module.to_string(),
-        });
-        let e = self.event(
-            EventKind::Rejected,
-            module,
-            Some(f.version.clone()),
-            Some(f.seq),
-            Some(reason),
-            fx,
-        );
-        self.push_events(vec![e], fx);
-        self.reconciler.abandoned(module, f.sha256);
-        self.status_dirty = true;
-        let _ = now;
+        self.fill_window(now, fx);
+        self.fetch_refused(module, f.sha256, (f.version, f.seq), reason, false, now, fx);
     }
 
     pub(super) fn fetch_planned(
@@ -392,13 +379,6 @@ impl State {
             added,
             removed,
         });
-    }
-
-    /// Drops the subscriptions no fetch needs any more (after `gone` ended or changed).
-    fn unsubscribe_unwanted(&mut self, gone: &Fetch, fx: &mut Vec<Effect>) {
-        let _ = gone;
-        let now = self.now;
-        self.fill_window(now, fx);
     }
 
     /// A message on a chunk topic.
@@ -614,7 +594,7 @@ impl State {
                     module: module.clone(),
                 });
             }
-            self.unsubscribe_unwanted(&f, fx);
+            self.fill_window(now, fx);
             let next = self.reconciler.cancelled(&module, f.sha256);
             self.act(next, now, fx);
         }

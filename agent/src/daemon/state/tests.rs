@@ -934,6 +934,17 @@ fn offer_chunked(s: &mut State, m: &Manifest, now: Now) -> (Vec<Effect>, u64) {
     (fx, plan)
 }
 
+/// Answers a fetch's plan: which chunks are held, and the bytes reused.
+fn planned(s: &mut State, plan: u64, have: Vec<bool>, reused_bytes: u64, now: Now) -> Vec<Effect> {
+    s.handle(
+        Input::FetchPlanned {
+            ticket: plan,
+            result: Ok(FetchPlan { have, reused_bytes }),
+        },
+        now,
+    )
+}
+
 fn chunk_topics(fx: &[Effect]) -> (Vec<String>, Vec<String>) {
     fx.iter()
         .filter_map(|e| match e {
@@ -960,16 +971,7 @@ fn a_chunked_install_subscribes_only_to_missing_chunks_stages_each_and_assembles
     let m = chunked_manifest("big", 1, 4);
     let (_, plan) = offer_chunked(&mut s, &m, at(1));
     // Chunk 1 is held already (an installed version has it).
-    let fx = s.handle(
-        Input::FetchPlanned {
-            ticket: plan,
-            result: Ok(FetchPlan {
-                have: vec![false, true, false, false],
-                reused_bytes: 10,
-            }),
-        },
-        at(1),
-    );
+    let fx = planned(&mut s, plan, vec![false, true, false, false], 10, at(1));
     let (mut added, _) = chunk_topics(&fx);
     added.sort();
     let mut want = [0, 2, 3].map(chunk_topic);
@@ -1056,16 +1058,7 @@ fn a_damaged_chunk_is_counted_and_waited_for_and_a_full_disk_abandons_the_fetch(
     let (mut s, _) = booted(vec![]);
     let m = chunked_manifest("big", 1, 2);
     let (_, plan) = offer_chunked(&mut s, &m, at(1));
-    s.handle(
-        Input::FetchPlanned {
-            ticket: plan,
-            result: Ok(FetchPlan {
-                have: vec![false, false],
-                reused_bytes: 0,
-            }),
-        },
-        at(1),
-    );
+    planned(&mut s, plan, vec![false, false], 0, at(1));
     let stage = |s: &mut State, i: u8| {
         let fx = s.handle(
             Input::Message {
@@ -1132,16 +1125,7 @@ fn a_fetch_without_progress_is_reported_once_and_a_replaced_offer_ends_it() {
     let (mut s, _) = booted_with(config, vec![]);
     let m = chunked_manifest("big", 1, 2);
     let (_, plan) = offer_chunked(&mut s, &m, at(1));
-    s.handle(
-        Input::FetchPlanned {
-            ticket: plan,
-            result: Ok(FetchPlan {
-                have: vec![false, false],
-                reused_bytes: 0,
-            }),
-        },
-        at(1),
-    );
+    planned(&mut s, plan, vec![false, false], 0, at(1));
     let stalled = |fx: &[Effect]| {
         store_op(fx, |op| matches!(op, StoreOp::PushEvents { .. }))
             .is_some_and(|(_, op)| events_in(&op) == [EventKind::FetchStalled])
@@ -1170,16 +1154,7 @@ fn a_fetch_abandoned_while_chunks_are_being_staged_releases_their_topics_for_the
     let (mut s, _) = booted(vec![]);
     let m = chunked_manifest("big", 1, 3);
     let (_, plan) = offer_chunked(&mut s, &m, at(1));
-    s.handle(
-        Input::FetchPlanned {
-            ticket: plan,
-            result: Ok(FetchPlan {
-                have: vec![false; 3],
-                reused_bytes: 0,
-            }),
-        },
-        at(1),
-    );
+    planned(&mut s, plan, vec![false; 3], 0, at(1));
     // Two chunks arrive; both are being written when the first write fails.
     let mut tickets = Vec::new();
     for i in [0u8, 1] {
@@ -1211,16 +1186,7 @@ fn a_fetch_abandoned_while_chunks_are_being_staged_releases_their_topics_for_the
     // A new version with the same chunks subscribes to all of them again.
     let m = chunked_manifest("big", 2, 3);
     let (_, plan) = offer_chunked(&mut s, &m, at(4));
-    let fx = s.handle(
-        Input::FetchPlanned {
-            ticket: plan,
-            result: Ok(FetchPlan {
-                have: vec![false; 3],
-                reused_bytes: 0,
-            }),
-        },
-        at(4),
-    );
+    let fx = planned(&mut s, plan, vec![false; 3], 0, at(4));
     let (added, _) = chunk_topics(&fx);
     assert_eq!(added.len(), 3, "{added:?}");
 }
