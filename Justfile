@@ -56,7 +56,9 @@ modules:
 # (host-call prices against plain Wasm, the worst call at the default limits, peak memory of
 # checking hostile structures, RSS across 1,000 upgrades), daemon (deploy latency against an
 # MQTT round trip, agent RSS; needs mosquitto), chunking (bytes a device downloads per install and
-# per one-function upgrade at 4/16/64 KiB average chunks, cutting time against SHA-256) and peers
+# per one-function upgrade at 4/16/64 KiB average chunks, cutting time against SHA-256), delivery
+(a 1 MiB module to the release agent in one message and in chunks, first install and one-function
+upgrade: time and bytes on the wire, as ratios; needs mosquitto) and peers
 # (CPU-heavy guests: the agent's throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with
 # plain wasmi fuel on and off;
 # peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it
@@ -68,6 +70,7 @@ bench: modules
     cargo bench --locked -p edge-agent --bench containment
     cargo bench --locked -p edge-agent --bench daemon
     cargo bench --locked -p edge-agent --bench chunking
+    cargo bench --locked -p edge-agent --bench delivery
     -agent/benches/peers-setup
     cargo bench --locked -p edge-agent --bench peers
 
