@@ -57,8 +57,8 @@ modules:
 # checking hostile structures, RSS across 1,000 upgrades), daemon (deploy latency against an
 # MQTT round trip, agent RSS; needs mosquitto), chunking (bytes a device downloads per install and
 # per one-function upgrade at 4/16/64 KiB average chunks, cutting time against SHA-256), delivery
-(a 1 MiB module to the release agent in one message and in chunks, first install and one-function
-upgrade: time and bytes on the wire, as ratios; needs mosquitto) and peers
+# (a 1 MiB module to the release agent in one message and in chunks, first install and
+# one-function upgrade: time and bytes on the wire, as ratios; needs mosquitto) and peers
 # (CPU-heavy guests: the agent's throughput over wasm3's, goal >= 1.40x, and over wasmtime's, with
 # plain wasmi fuel on and off;
 # peers-setup pip-installs pinned pywasm3 and wasmtime into target/bench-venv, and an engine it

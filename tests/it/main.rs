@@ -10,6 +10,7 @@ mod daemon;
 mod edgectl;
 mod hardware;
 mod hostile;
+mod justfile;
 mod recovery;
 mod run_module;
 mod runner;
